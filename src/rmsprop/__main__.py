@@ -1,0 +1,5 @@
+import sys
+
+from rmsprop.cli import main
+
+sys.exit(main())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rmsprop import RMSprop
-from rmsprop.diagnostics import effective_step_size_tensors, effective_step_sizes
+from rmsprop.diagnostics import effective_step_size_tensors, effective_step_sizes, has_step_sizes
 
 
 def _stepped(optimizer_class, grads, values=(1.0, 2.0, 3.0), **settings):
@@ -166,3 +166,10 @@ def test_invalid_histogram_bins(bins):
     optimizer = RMSprop([torch.zeros(1, requires_grad=True)])
     with pytest.raises(ValueError, match="histogram_bins"):
         effective_step_sizes(optimizer, histogram_bins=bins)
+
+
+def test_has_step_sizes():
+    params = [torch.zeros(1, requires_grad=True)]
+    assert has_step_sizes(RMSprop(params))
+    assert has_step_sizes(torch.optim.AdamW(params))
+    assert not has_step_sizes(torch.optim.SGD(params, lr=0.1))

@@ -54,6 +54,7 @@ __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "effective_step_size_tensors",
     "effective_step_sizes",
+    "has_step_sizes",
 ]
 
 
@@ -117,14 +118,13 @@ def effective_step_size_tensors(optimizer: Optimizer) -> list[list[Tensor]]:
     ]
 
 
+def has_step_sizes(optimizer: Optimizer) -> bool:
+    """Whether :func:`effective_step_sizes` can read ``optimizer`` (see :data:`SUPPORTED_OPTIMIZERS`)."""
+    return isinstance(optimizer, tuple(_STEP_SIZE_FUNCTIONS))
+
+
 def _step_size_function(optimizer: Optimizer) -> Callable[[dict[str, Any], dict[str, Any]], Tensor]:
-    # Ours first: it is not a subclass of torch's RMSprop, but be explicit anyway.
-    for cls, function in (
-        (RMSprop, _ours),
-        (torch.optim.RMSprop, _torch_rmsprop),
-        (torch.optim.Adagrad, _adagrad),
-        (torch.optim.Adam, _adam),
-    ):
+    for cls, function in _STEP_SIZE_FUNCTIONS.items():
         if isinstance(optimizer, cls):
             return function
     raise ValueError(
@@ -162,6 +162,14 @@ def _adam(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
     v = _real(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
     beta2 = float(group["betas"][1])
     return _lr(group) / (v / (1 - beta2 ** _step(state))).sqrt_().add_(group["eps"])
+
+
+_STEP_SIZE_FUNCTIONS = {
+    RMSprop: _ours,
+    torch.optim.RMSprop: _torch_rmsprop,
+    torch.optim.Adagrad: _adagrad,
+    torch.optim.Adam: _adam,
+}
 
 
 def _real(t: Tensor) -> Tensor:

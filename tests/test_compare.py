@@ -12,9 +12,9 @@ from PIL import Image
 
 from rmsprop.cli import main
 from rmsprop.compare import TASK_NAMES, compare
-from rmsprop.compare.claims import Stat, beats, evaluate_claims, steps_to_target
-from rmsprop.compare.optimizers import OPTIMIZERS, RMSPROP_VARIANTS, optimizer_spec
-from rmsprop.compare.runner import best_lr, train
+from rmsprop.compare.claims import beats, evaluate_claims, steps_to_target
+from rmsprop.compare.optimizers import OPTIMIZERS, RMSPROP_VARIANTS, next_lr, optimizer_spec
+from rmsprop.compare.runner import MAX_GRID_EXTENSIONS, _tune, best_lr, train
 from rmsprop.compare.tasks import CharLSTM, Drift, _digits_splits, _pydoc_text, task_by_name
 
 VERDICTS = ("supported", "not supported", "mixed")
@@ -130,13 +130,18 @@ def test_one_task_leaves_the_other_claims_untested(tmp_path):
 # --- verdict rules --------------------------------------------------------------------
 
 
-def test_beats_needs_twice_the_standard_error():
-    # Standard error of the difference: sqrt(0.3^2/3 + 0.4^2/3) = sqrt(1/12) = 0.2887; twice: 0.577.
-    assert beats(Stat(1.0, 0.3, 3), Stat(1.6, 0.4, 3))
-    assert not beats(Stat(1.0, 0.3, 3), Stat(1.5, 0.4, 3))
-    assert beats(Stat(1.0, 0.0, 1), Stat(1.0001, 0.0, 1))
-    assert beats(Stat(5.0, 1.0, 3), Stat(math.inf, 0.0, 3))
-    assert not beats(Stat(math.inf, 0.0, 3), Stat(math.inf, 0.0, 3))
+def test_beats_is_a_paired_comparison():
+    # Differences b - a = [0.1, 0.2, 0.3]: mean 0.2, sd 0.1, standard error 0.0577; 0.2 > 2 * 0.0577.
+    assert beats([1.0, 2.0, 3.0], [1.1, 2.2, 3.3])
+    # Differences [0.1, -0.1, 0.6]: mean 0.2, sd 0.3606, twice the standard error 0.416 > 0.2.
+    assert not beats([1.0, 2.0, 3.0], [1.1, 1.9, 3.6])
+    # Unpaired, these means (2.0 vs 2.2) would be far inside each other's spread.
+    assert not beats([1.1, 2.2, 3.3], [1.0, 2.0, 3.0])
+    assert beats([1.0], [1.0001]) and not beats([1.0], [1.0])
+    assert beats([5.0, 6.0], [math.inf, 1.0])
+    assert not beats([math.inf, 1.0], [5.0, 6.0])
+    with pytest.raises(ValueError, match="paired"):
+        beats([1.0, 2.0], [1.0])
 
 
 def test_steps_to_target():
@@ -244,6 +249,26 @@ def test_best_lr_skips_diverged_runs():
     ]
     assert best_lr(runs, "m") == 0.01
     assert best_lr([{**run, "diverged": True} for run in runs], "m") == 0.001
+
+
+def test_tuning_grows_the_grid_past_the_best_end():
+    task, spec = task_by_name("seed-mlp"), optimizer_spec("adam")
+
+    def fake_train(task, spec, lr, seed, extra=False):
+        # The score falls with lr up to 0.1: the grid (1e-4..3e-2) must grow upwards.
+        return {"lr": lr, "seed": seed, "diverged": False, "final": {"train_mse": abs(math.log10(lr) + 1)}}
+
+    grid, tuning = _tune(task, spec, False, fake_train)
+    assert grid == [*spec.lr_grid, 0.1, 0.3][: len(spec.lr_grid) + MAX_GRID_EXTENSIONS]
+    assert [run["lr"] for run in tuning] == grid
+    assert best_lr(tuning, "train_mse") == 0.1
+    grid, _ = _tune(task, spec, True, fake_train)
+    assert grid == list(spec.quick_grid)
+
+
+def test_next_lr_steps_along_the_log_grid():
+    assert [next_lr(lr) for lr in (1e-3, 3e-3, 0.1, 0.3)] == [3e-3, 1e-2, 0.3, 1.0]
+    assert [next_lr(lr, up=False) for lr in (1e-3, 3e-3, 0.1, 0.3)] == [3e-4, 1e-3, 3e-2, 0.1]
 
 
 def test_a_huge_learning_rate_diverges():

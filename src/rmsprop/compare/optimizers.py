@@ -13,7 +13,7 @@ from torch import nn
 from rmsprop.optimizer import RMSprop
 from rmsprop.presets import preset_settings
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "RMSPROP_VARIANTS", "optimizer_spec"]
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "RMSPROP_VARIANTS", "next_lr", "optimizer_spec"]
 
 Params = Iterable[nn.Parameter]
 
@@ -38,12 +38,20 @@ class OptimizerSpec:
         return self.lr_grid[middle - 1 : middle + 2]
 
 
+def next_lr(lr: float, up: bool = True) -> float:
+    """The neighbour of ``lr`` (1 or 3 times a power of ten) on the log grid 1e-3, 3e-3, 1e-2, ..."""
+    leading_digit = round(lr / 10 ** math.floor(math.log10(lr)))
+    factor = 3 if leading_digit == 1 else 10 / 3
+    if not up:
+        factor = 10 / 3 if leading_digit == 1 else 3
+    return float(f"{lr * factor if up else lr / factor:.1g}")
+
+
 def _log_grid(lowest: float, points: int = 6) -> tuple[float, ...]:
-    """``points`` lrs from ``lowest`` (1 or 3 times a power of ten) up: 1e-3, 3e-3, 1e-2, ..."""
+    """``points`` lrs from ``lowest`` up, each :func:`next_lr` of the one before."""
     grid = [lowest]
     while len(grid) < points:
-        leading_digit = round(grid[-1] / 10 ** math.floor(math.log10(grid[-1])))
-        grid.append(float(f"{grid[-1] * (3 if leading_digit == 1 else 10 / 3):.1g}"))
+        grid.append(next_lr(grid[-1]))
     return tuple(grid)
 
 

@@ -2,8 +2,9 @@
 
 Protocol, per task and optimizer: train once per lr of the optimizer's grid
 with seed 0 and keep the lr with the best final ``task.metric`` (validation
-data where the task has any); then train with that lr from seeds 1..N, which
-the tuning never saw. Every run of a task gets the same number of steps.
+data where the task has any), growing the grid past an end where the best lr
+sits; then train with that lr from seeds 1..N, which the tuning never saw.
+Every run of a task gets the same number of steps.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import torch
 from tqdm import tqdm
 
 from rmsprop import __version__
-from rmsprop.compare.optimizers import OptimizerSpec, optimizer_spec
+from rmsprop.compare.optimizers import OptimizerSpec, next_lr, optimizer_spec
 from rmsprop.compare.tasks import Task, task_by_name
 from rmsprop.diagnostics import effective_step_sizes, has_step_sizes
 
-__all__ = ["TUNING_SEED", "run_study", "train"]
+__all__ = ["MAX_GRID_EXTENSIONS", "TUNING_SEED", "best_lr", "run_study", "train"]
 
 TUNING_SEED = 0
+MAX_GRID_EXTENSIONS = 2
 Run = dict[str, Any]
 
 
@@ -131,7 +133,9 @@ def run_study(
     )
     cache: dict[tuple, Run] = {}
 
-    def cached_train(task: Task, spec: OptimizerSpec, lr: float, seed: int) -> Run:
+    def cached_train(task: Task, spec: OptimizerSpec, lr: float, seed: int, extra: bool = False) -> Run:
+        if extra:  # a run past the planned grid
+            bar.total += 1
         key = (task.problem, task.budget_for(quick), spec.name, lr, seed)
         if key not in cache:
             bar.set_description(f"{task.name} {spec.name} lr={lr:g} seed={seed}")
@@ -171,12 +175,32 @@ def _lr_grid(spec: OptimizerSpec, quick: bool) -> tuple[float, ...]:
     return spec.quick_grid if quick else spec.lr_grid
 
 
+def _tune(task: Task, spec: OptimizerSpec, quick: bool, train_fn) -> tuple[list[float], list[Run]]:
+    """The lr grid as searched and its seed-0 runs, in lr order.
+
+    Outside quick mode, while the best lr is at an end of the grid the grid
+    grows by one point past that end, at most :data:`MAX_GRID_EXTENSIONS` times.
+    """
+    grid = list(_lr_grid(spec, quick))
+    tuning = [train_fn(task, spec, lr, TUNING_SEED) for lr in grid]
+    for _ in range(0 if quick else MAX_GRID_EXTENSIONS):
+        lr = best_lr(tuning, task.metric)
+        if lr == grid[-1]:
+            grid.append(next_lr(lr, up=True))
+            tuning.append(train_fn(task, spec, grid[-1], TUNING_SEED, extra=True))
+        elif lr == grid[0]:
+            grid.insert(0, next_lr(lr, up=False))
+            tuning.insert(0, train_fn(task, spec, grid[0], TUNING_SEED, extra=True))
+        else:
+            break
+    return grid, tuning
+
+
 def _run_task(task: Task, quick: bool, seeds: int, train_fn) -> dict[str, Any]:
     optimizers = {}
     for name in task.optimizers:
         spec = optimizer_spec(name)
-        grid = _lr_grid(spec, quick)
-        tuning = [train_fn(task, spec, lr, TUNING_SEED) for lr in grid]
+        grid, tuning = _tune(task, spec, quick, train_fn)
         lr = best_lr(tuning, task.metric)
         runs = [train_fn(task, spec, lr, seed) for seed in range(TUNING_SEED + 1, TUNING_SEED + 1 + seeds)]
         optimizers[name] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -24,12 +25,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    try:
-        import matplotlib  # noqa: F401
-        import sklearn  # noqa: F401
-        import tqdm  # noqa: F401
-    except ModuleNotFoundError as missing:
-        print(f"rmsprop compare needs {missing.name}: pip install 'rmsprop[compare]'", file=sys.stderr)
+    missing = [name for name in ("matplotlib", "sklearn", "tqdm") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"rmsprop compare needs {', '.join(missing)}: pip install 'rmsprop[compare]'", file=sys.stderr)
         return 2
     from rmsprop.compare import compare
 

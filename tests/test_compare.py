@@ -1,5 +1,7 @@
 """`rmsprop compare`: the end-to-end smoke run, the verdict rules, the runner and the tasks."""
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -25,9 +27,6 @@ VERDICTS = ("supported", "not supported", "mixed")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    import contextlib
-    import io
-
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()) as stdout:
         code = main(["compare", "--quick", "--out", str(out)])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from collections.abc import Sequence
 
 from rmsprop import __version__
+from rmsprop.compare import TASK_NAMES
 
 
 def _positive_int(text: str) -> int:
@@ -19,6 +22,21 @@ def _demo(args: argparse.Namespace) -> int:
     from rmsprop.demo import run_demo
 
     return 0 if run_demo(seed=args.seed, epochs=args.epochs) else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    missing = [name for name in ("matplotlib", "sklearn", "tqdm") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"rmsprop compare needs {', '.join(missing)}: pip install 'rmsprop[compare]'", file=sys.stderr)
+        return 2
+    from rmsprop.compare import compare
+
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    results = compare(args.task or TASK_NAMES, out_dir=args.out, quick=args.quick, seeds=seeds)
+    for claim in results["claims"]:
+        print(f"Claim {claim['number']}: {claim['verdict']} ({claim.get('held', '-')} checks held)")
+    print(f"Wrote report.md, results.json and plots to {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed for model and data (default: 0)")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="number of epochs (default: 10)")
     demo.set_defaults(run=_demo)
+
+    compare = commands.add_parser(
+        "compare",
+        help="test RMSProp's claims against Adagrad, Adam and SGD on real tasks; write a report and plots",
+        description="Tune each optimizer's learning rate on a log grid (seed 0), train from N more seeds with "
+        "the same step budget, and write report.md (tables and a verdict per claim), results.json and PNG plots.",
+    )
+    compare.add_argument(
+        "--task",
+        action="extend",
+        nargs="+",
+        choices=TASK_NAMES,
+        metavar="NAME",
+        help=f"tasks to run (default: all of {', '.join(TASK_NAMES)})",
+    )
+    compare.add_argument("--quick", action="store_true", help="tiny budgets, 3-point lr grid: a smoke run (< 60 s)")
+    compare.add_argument(
+        "--seeds", type=_positive_int, default=None, help="seeds per optimizer after tuning (default: 3, 1 with --quick)"
+    )
+    compare.add_argument("--out", default="compare-results", help="output folder (default: compare-results)")
+    compare.set_defaults(run=_compare)
     return parser
 
 

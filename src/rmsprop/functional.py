@@ -108,8 +108,11 @@ def _lr_as_number(lr: float | Tensor, capturable: bool) -> float | Tensor:
 
 
 def _bias_correction(alpha: float, step: Tensor, capturable: bool) -> float | Tensor:
-    """``1 - alpha^t``: a Python float, or a device tensor when capturing."""
-    if capturable:
+    """``1 - alpha^t``: a Python float, or a tensor under graph capture or torch.compile.
+
+    Reading the step as a number would break a CUDA graph or a compiled graph.
+    """
+    if capturable or torch.compiler.is_compiling():
         return 1 - torch.pow(alpha, step)
     return 1 - alpha ** step.item()
 

@@ -161,6 +161,7 @@ class RMSprop(Optimizer):
         A state dict that does not fit these parameters raises ``ValueError``
         and leaves the optimizer exactly as it was.
         """
+        _check_state_dict_layout(state_dict)
         previous_state, previous_groups = self.state, self.param_groups
         try:
             super().load_state_dict(state_dict)
@@ -298,6 +299,18 @@ def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
         return False
     _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     return foreach
+
+
+def _check_state_dict_layout(state_dict: Any) -> None:
+    """The entries ``Optimizer.load_state_dict`` reads, so that it cannot fail with a bare KeyError."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"an optimizer state dict must be a dict, got {type(state_dict).__name__}")
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise ValueError(f"the state dict has no {key!r} entry")
+    for index, group in enumerate(state_dict["param_groups"]):
+        if not isinstance(group, dict) or "params" not in group:
+            raise ValueError(f"param group {index} of the state dict has no 'params' entry")
 
 
 def _describe(group: dict[str, Any], group_index: int, param_index: int) -> str:

@@ -173,7 +173,9 @@ class RMSprop(Optimizer):
     def _check_loaded_state(self) -> None:
         for key in self.state:
             if not torch.is_tensor(key):
-                raise ValueError(f"the state dict has state for parameter id {key!r}, which none of its param_groups lists")
+                raise ValueError(
+                    f"the state dict has state for parameter id {key!r}, which none of its param_groups lists"
+                )
         for group_index, group in enumerate(self.param_groups):
             check_settings(group)
             # Buffers the loaded settings need; a torch or rmsprop state dict

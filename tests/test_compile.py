@@ -102,3 +102,37 @@ def test_compiled_step_follows_tensor_lr_changes(foreach):
 def test_inductor_compiled_step_equals_eager():
     flags = {"momentum": 0.9, "nesterov": True, "bias_correction": True, "weight_decay": 0.1, "foreach": True}
     _assert_close(_train(flags, compiled=True, backend="inductor"), _train(flags, compiled=False))
+
+
+def _frames_compiled(optimizer_class, flags: dict) -> int:
+    """Frames compiled over steps whose Tensor lr a scheduler changes every time."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _model()
+    optimizer = optimizer_class(model.parameters(), lr=torch.tensor(0.01), **flags)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter)
+    def step():
+        optimizer.step()
+        scheduler.step()
+
+    for x in _batches(4):
+        model(x).pow(2).mean().backward()
+        step()
+    return counter.frame_count
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("flags", [{}, {"momentum": 0.9, "centered": True}], ids=str)
+def test_tensor_lr_changes_do_not_recompile_like_torch(flags, foreach):
+    flags = {**flags, "foreach": foreach}
+    assert _frames_compiled(RMSprop, flags) == _frames_compiled(torch.optim.RMSprop, flags) == 1
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_tensor_lr_changes_do_not_recompile_with_our_flags(foreach):
+    flags = {"momentum": 0.9, "nesterov": True, "lr_in_momentum": True, "weight_decay": 0.1}
+    assert _frames_compiled(RMSprop, {**flags, "decoupled_weight_decay": True, "foreach": foreach}) == 1

@@ -270,8 +270,11 @@ class RMSprop(Optimizer):
                 loss = closure()
 
         # Checked for every group first, so that a refused step changes nothing.
-        self._check_no_sparse_grads()
-        self._check_state_fits_params()
+        # torch.compile skips them: tracing these loops would slow compilation,
+        # and its guards already recompile when a param's shape or dtype changes.
+        if not torch.compiler.is_compiling():
+            self._check_no_sparse_grads()
+            self._check_state_fits_params()
         for group in self.param_groups:
             tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *tensors)

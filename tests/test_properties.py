@@ -164,3 +164,35 @@ def test_sparse_gradients_are_refused_before_any_change(foreach):
     with pytest.raises(RuntimeError, match="sparse gradients"):
         optimizer.step()
     assert torch.equal(dense, torch.ones(3)) and not optimizer.state
+
+
+@given(
+    size=st.integers(1, 8),
+    flags=flag_combinations(),
+    bad_value=st.sampled_from([float("inf"), float("-inf"), float("nan")]),
+    data=st.data(),
+)
+@SETTINGS
+def test_non_finite_gradients_propagate_only_where_they_are(size, flags, bad_value, data):
+    """The documented policy: no filtering. Entries with a non-finite gradient become
+    non-finite; the rule is elementwise, so every other entry steps as the reference says."""
+    bad_index = data.draw(st.integers(0, size - 1))
+    generator = torch.Generator().manual_seed(size)
+    param = torch.nn.Parameter(torch.randn(size, generator=generator, dtype=torch.float64))
+    grad = torch.randn(size, generator=generator, dtype=torch.float64)
+    reference_flags = {k: v for k, v in flags.items() if k not in ("foreach", "initial_scale")}
+    expected, _ = reference.step(
+        param.detach().numpy().copy(),
+        grad.numpy(),
+        reference.init_state(param.detach().numpy(), flags["initial_scale"]),
+        lr=0.01,
+        **reference_flags,
+    )
+    grad[bad_index] = bad_value
+    optimizer = RMSprop([param], lr=0.01, **flags)
+    param.grad = grad
+    optimizer.step()
+    stepped = param.detach().numpy()
+    assert not np.isfinite(stepped[bad_index])
+    finite = np.arange(size) != bad_index
+    np.testing.assert_allclose(stepped[finite], expected[finite], rtol=1e-9, atol=1e-9)

@@ -5,6 +5,7 @@ temporary folder; the test process compares them with single-process training
 on the full batch, and resumed runs with uninterrupted ones.
 """
 
+import gc
 import os
 from pathlib import Path
 
@@ -64,18 +65,19 @@ def _single_process_params(flags: dict) -> list[torch.Tensor]:
     return [p.detach() for p in model.parameters()]
 
 
-def _spawn(worker, tmp_path: Path) -> None:
-    init_file = tmp_path / "init"
-    mp.spawn(worker, args=(str(init_file), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+def _spawn(run, tmp_path: Path) -> list:
+    """``run(rank, out)`` in each of WORLD_SIZE processes; what each returned, by rank."""
+    mp.spawn(_worker, args=(run, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
-def _init_process_group(rank: int, init_file: str) -> None:
+def _worker(rank: int, run, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-
-
-def _finish() -> None:
-    # Every rank done before any tears down gloo, which otherwise may abort a peer.
+    torch.save(run(rank, out), os.path.join(out, f"rank{rank}.pt"))
+    # DDP and ZeRO objects are gone with run's frame; free any cycles too, then
+    # let every rank finish before gloo is torn down.
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -86,23 +88,19 @@ def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], what
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
-def _ddp_worker(rank: int, init_file: str, out: str) -> None:
+def _ddp_run(rank: int, out: str) -> list:
     from torch.nn.parallel import DistributedDataParallel
 
-    _init_process_group(rank, init_file)
     results = []
     for flags in FLAG_COMBOS:
         model = DistributedDataParallel(_model())
         _train(model, RMSprop(model.parameters(), lr=0.01, **flags), [_shard(x, rank) for x in _full_batches()])
         results.append([p.detach().clone() for p in model.module.parameters()])
-    torch.save(results, os.path.join(out, f"ddp_rank{rank}.pt"))
-    _finish()
+    return results
 
 
 def test_ddp_equals_single_process_full_batch(tmp_path):
-    _spawn(_ddp_worker, tmp_path)
-    for rank in range(WORLD_SIZE):
-        results = torch.load(tmp_path / f"ddp_rank{rank}.pt", weights_only=True)
+    for rank, results in enumerate(_spawn(_ddp_run, tmp_path)):
         for flags, params in zip(FLAG_COMBOS, results, strict=True):
             _assert_close(params, _single_process_params(flags), f"DDP rank {rank}, {flags}")
 
@@ -116,10 +114,9 @@ def _zero_optimizer(model):
     return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=RMSprop, lr=0.01, **ZERO_FLAGS)
 
 
-def _zero_worker(rank: int, init_file: str, out: str) -> None:
+def _zero_run(rank: int, out: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    _init_process_group(rank, init_file)
     batches = [_shard(x, rank) for x in _full_batches()]
     checkpoint_path = os.path.join(out, "zero_checkpoint.pt")
 
@@ -141,15 +138,13 @@ def _zero_worker(rank: int, init_file: str, out: str) -> None:
     fresh_optimizer.load_state_dict(checkpoint["optimizer"])
     _train(fresh, fresh_optimizer, batches[RESUME_AT:])
     resumed = [p.detach().clone() for p in fresh.module.parameters()]
-    torch.save({"uninterrupted": uninterrupted, "resumed": resumed}, os.path.join(out, f"zero_rank{rank}.pt"))
-    _finish()
+    return {"uninterrupted": uninterrupted, "resumed": resumed}
 
 
 def test_zero_redundancy_optimizer_trains_consolidates_and_resumes(tmp_path):
-    _spawn(_zero_worker, tmp_path)
+    results = _spawn(_zero_run, tmp_path)
     expected = _single_process_params(ZERO_FLAGS)
-    for rank in range(WORLD_SIZE):
-        result = torch.load(tmp_path / f"zero_rank{rank}.pt", weights_only=True)
+    for rank, result in enumerate(results):
         _assert_close(result["uninterrupted"], expected, f"ZeRO rank {rank}")
         for resumed, uninterrupted in zip(result["resumed"], result["uninterrupted"], strict=True):
             assert torch.equal(resumed, uninterrupted), f"ZeRO rank {rank}: resumed run differs"
@@ -179,12 +174,11 @@ def _full_params(model) -> list[torch.Tensor]:
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def _fsdp_worker(rank: int, init_file: str, out: str) -> None:
+def _fsdp_run(rank: int, out: str) -> list:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.tensor import DTensor
 
-    _init_process_group(rank, init_file)
     batches = [_shard(x, rank) for x in _full_batches()]
     results = []
     for index, flags in enumerate(FSDP_FLAG_COMBOS):
@@ -206,14 +200,11 @@ def _fsdp_worker(rank: int, init_file: str, out: str) -> None:
         set_state_dict(fresh, fresh_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
         _train(fresh, fresh_optimizer, batches[RESUME_AT:])
         results.append({"uninterrupted": uninterrupted, "resumed": _full_params(fresh)})
-    torch.save(results, os.path.join(out, f"fsdp_rank{rank}.pt"))
-    _finish()
+    return results
 
 
 def test_fsdp2_trains_and_resumes_through_distributed_checkpoint(tmp_path):
-    _spawn(_fsdp_worker, tmp_path)
-    for rank in range(WORLD_SIZE):
-        results = torch.load(tmp_path / f"fsdp_rank{rank}.pt", weights_only=True)
+    for rank, results in enumerate(_spawn(_fsdp_run, tmp_path)):
         for flags, result in zip(FSDP_FLAG_COMBOS, results, strict=True):
             _assert_close(result["uninterrupted"], _single_process_params(flags), f"FSDP2 rank {rank}, {flags}")
             for resumed, uninterrupted in zip(result["resumed"], result["uninterrupted"], strict=True):

@@ -125,8 +125,9 @@ def _mismatch(kind: str, p: torch.nn.Parameter, p_state: dict) -> str:
         p_state["square_avg"] = p_state["square_avg"].to("meta")
         return "'square_avg' has device meta, the parameter has cpu"
     if kind == "state dtype":
-        p_state["momentum_buffer"] = p_state["momentum_buffer"].half()
-        return "'momentum_buffer' has dtype torch.float16"
+        for key in ("square_avg", "momentum_buffer"):
+            p_state[key] = p_state[key].half()
+        return "'square_avg' has dtype torch.float16"
     p_state["step"] = 3  # "step type"
     return "'step' must be a 1-element tensor"
 

@@ -191,11 +191,18 @@ class RMSprop(Optimizer):
                     raise ValueError(f"state of {_describe(group, group_index, param_index)}: {problem}")
 
     def _check_state_fits_params(self) -> None:
-        """Raise ``ValueError`` where a param no longer fits its state, e.g. after ``model.half()``."""
+        """Raise ``ValueError`` where a param no longer fits its state, e.g. after ``model.half()``.
+
+        Each step compares only ``square_avg`` (and that ``step`` is a tensor), to
+        stay cheap: the other buffers are created and loaded along with it, so a
+        param changed since then has left them all behind.
+        """
         for group_index, group in enumerate(self.param_groups):
             for param_index, p in enumerate(group["params"]):
                 p_state = self.state.get(p) if p.grad is not None else None
-                problem = _state_mismatch(p, p_state) if p_state else None
+                if not p_state or (_fits(p, p_state.get("square_avg")) and isinstance(p_state.get("step"), Tensor)):
+                    continue
+                problem = _state_mismatch(p, p_state)
                 if problem:
                     raise ValueError(
                         f"state of {_describe(group, group_index, param_index)}: {problem}; "
@@ -322,6 +329,12 @@ def _describe(group: dict[str, Any], group_index: int, param_index: int) -> str:
     names = group.get("param_names")
     name = f" ({names[param_index]!r})" if names else ""
     return f"parameter {param_index}{name} in group {group_index}"
+
+
+def _fits(p: Tensor, buffer: Any) -> bool:
+    return (
+        isinstance(buffer, Tensor) and buffer.dtype is p.dtype and buffer.shape == p.shape and buffer.device == p.device
+    )
 
 
 def _state_mismatch(p: Tensor, p_state: dict[str, Any]) -> str | None:

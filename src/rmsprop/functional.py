@@ -101,15 +101,19 @@ def _check_capturable_devices(params: list[Tensor], state_steps: list[Tensor]) -
 
 
 def _lr_as_number(lr: float | Tensor, capturable: bool) -> float | Tensor:
-    """A Tensor lr stays a tensor only where reading it would break graph capture."""
-    if isinstance(lr, Tensor) and not capturable:
+    """A Tensor lr stays a tensor only where reading it would break graph capture,
+    or make torch.compile specialize on its value and recompile when it changes."""
+    if isinstance(lr, Tensor) and not (capturable or torch.compiler.is_compiling()):
         return lr.item()
     return lr
 
 
 def _bias_correction(alpha: float, step: Tensor, capturable: bool) -> float | Tensor:
-    """``1 - alpha^t``: a Python float, or a device tensor when capturing."""
-    if capturable:
+    """``1 - alpha^t``: a Python float, or a tensor under graph capture or torch.compile.
+
+    Reading the step as a number would break a CUDA graph or a compiled graph.
+    """
+    if capturable or torch.compiler.is_compiling():
         return 1 - torch.pow(alpha, step)
     return 1 - alpha ** step.item()
 
@@ -126,9 +130,9 @@ def _single_tensor_rmsprop(
     differentiable: bool,
     capturable: bool,
 ) -> None:
-    # Like torch.optim's for-loop path, this one reads a Tensor lr as a number;
-    # the foreach path keeps it on the device under capture.
-    lr = float(hp.lr)
+    # Like torch.optim's for-loop path, this one reads a Tensor lr as a number
+    # (except under torch.compile); the foreach path keeps it on the device under capture.
+    lr = hp.lr if torch.compiler.is_compiling() else float(hp.lr)
     for i, param in enumerate(params):
         grad = grads[i]
         square_avg = square_avgs[i]

@@ -161,6 +161,7 @@ class RMSprop(Optimizer):
         A state dict that does not fit these parameters raises ``ValueError``
         and leaves the optimizer exactly as it was.
         """
+        _check_state_dict_layout(state_dict)
         previous_state, previous_groups = self.state, self.param_groups
         try:
             super().load_state_dict(state_dict)
@@ -170,32 +171,62 @@ class RMSprop(Optimizer):
             raise
 
     def _check_loaded_state(self) -> None:
+        for key in self.state:
+            if not torch.is_tensor(key):
+                raise ValueError(
+                    f"the state dict has state for parameter id {key!r}, which none of its param_groups lists"
+                )
         for group_index, group in enumerate(self.param_groups):
             check_settings(group)
+            # Buffers the loaded settings need; a torch or rmsprop state dict
+            # always holds them once a parameter has stepped.
+            needed = ("momentum_buffer",) * (group["momentum"] > 0) + ("grad_avg",) * group["centered"]
             for param_index, p in enumerate(group["params"]):
                 p_state = self.state.get(p)
                 if not p_state:
                     continue
-                where = f"state of parameter {param_index} in group {group_index}"
-                step = p_state.get("step")
-                if not (torch.is_tensor(step) and step.numel() == 1):
-                    raise ValueError(f"{where}: 'step' must be a 1-element tensor, got {step!r}")
-                if "square_avg" not in p_state:
-                    raise ValueError(f"{where}: 'square_avg' is missing")
-                for key in _BUFFERS:
-                    if key not in p_state:
-                        continue
-                    value = p_state[key]
-                    if not torch.is_tensor(value):
-                        raise ValueError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
-                    if value.shape != p.shape:
-                        raise ValueError(
-                            f"{where}: {key!r} has shape {tuple(value.shape)}, the parameter has {tuple(p.shape)}"
-                        )
+                missing = [key for key in needed if key not in p_state]
+                problem = f"{missing[0]!r} is missing" if missing else _state_mismatch(p, p_state)
+                if problem:
+                    raise ValueError(f"state of {_describe(group, group_index, param_index)}: {problem}")
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
-        """Lists of the params with grads and their state, creating state on first use."""
-        params, grads, square_avgs, grad_avgs, momentum_buffers, steps = [], [], [], [], [], []
+    def _check_state_fits_params(self) -> None:
+        """Raise ``ValueError`` where a param no longer fits its state, e.g. after ``model.half()``.
+
+        Each step compares only ``square_avg`` (and that ``step`` is a tensor), to
+        stay cheap: the other buffers are created and loaded along with it, so a
+        param changed since then has left them all behind.
+        """
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, p in enumerate(group["params"]):
+                p_state = self.state.get(p) if p.grad is not None else None
+                if not p_state or (_fits(p, p_state.get("square_avg")) and isinstance(p_state.get("step"), Tensor)):
+                    continue
+                problem = _state_mismatch(p, p_state)
+                if problem:
+                    raise ValueError(
+                        f"state of {_describe(group, group_index, param_index)}: {problem}; "
+                        "was the model changed (.half(), .to(), new shape) after the optimizer "
+                        "was created? Create the optimizer after, or load a state dict to convert its state"
+                    )
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        square_avgs: list[Tensor],
+        grad_avgs: list[Tensor],
+        momentum_buffers: list[Tensor],
+        steps: list[Tensor],
+    ) -> bool:
+        """Fill the lists with the params that have grads and their state, creating state on first use.
+
+        Returns whether any of them is complex. The signature is torch.optim's:
+        torch.compile runs ``_init_group`` eagerly, reads back the lists it was
+        given and treats the return value as a constant.
+        """
+        has_complex = False
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -211,6 +242,7 @@ class RMSprop(Optimizer):
             if group["centered"] and "grad_avg" not in state:
                 state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+            has_complex |= torch.is_complex(p)
             params.append(p)
             grads.append(p.grad)
             square_avgs.append(state["square_avg"])
@@ -219,7 +251,7 @@ class RMSprop(Optimizer):
                 momentum_buffers.append(state["momentum_buffer"])
             if group["centered"]:
                 grad_avgs.append(state["grad_avg"])
-        return params, grads, square_avgs, grad_avgs, momentum_buffers, steps
+        return has_complex
 
     def _check_no_sparse_grads(self) -> None:
         for group_index, group in enumerate(self.param_groups):
@@ -245,9 +277,14 @@ class RMSprop(Optimizer):
                 loss = closure()
 
         # Checked for every group first, so that a refused step changes nothing.
-        self._check_no_sparse_grads()
+        # torch.compile skips them: tracing these loops would slow compilation,
+        # and its guards already recompile when a param's shape or dtype changes.
+        if not torch.compiler.is_compiling():
+            self._check_no_sparse_grads()
+            self._check_state_fits_params()
         for group in self.param_groups:
-            tensors = self._init_group(group)
+            tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
+            self._init_group(group, *tensors)
             rmsprop(
                 *tensors,
                 Hyperparameters.from_group(group),
@@ -274,6 +311,54 @@ def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
         return False
     _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     return foreach
+
+
+def _check_state_dict_layout(state_dict: Any) -> None:
+    """The entries ``Optimizer.load_state_dict`` reads, so that it cannot fail with a bare KeyError."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"an optimizer state dict must be a dict, got {type(state_dict).__name__}")
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise ValueError(f"the state dict has no {key!r} entry")
+    for index, group in enumerate(state_dict["param_groups"]):
+        if not isinstance(group, dict) or "params" not in group:
+            raise ValueError(f"param group {index} of the state dict has no 'params' entry")
+
+
+def _describe(group: dict[str, Any], group_index: int, param_index: int) -> str:
+    names = group.get("param_names")
+    name = f" ({names[param_index]!r})" if names else ""
+    return f"parameter {param_index}{name} in group {group_index}"
+
+
+def _fits(p: Tensor, buffer: Any) -> bool:
+    return (
+        isinstance(buffer, Tensor) and buffer.dtype is p.dtype and buffer.shape == p.shape and buffer.device == p.device
+    )
+
+
+def _state_mismatch(p: Tensor, p_state: dict[str, Any]) -> str | None:
+    """What in ``p_state`` does not fit parameter ``p``, or None if it all fits."""
+    step = p_state.get("step")
+    if not (torch.is_tensor(step) and step.numel() == 1):
+        return f"'step' must be a 1-element tensor, got {step!r}"
+    if "square_avg" not in p_state:
+        return "'square_avg' is missing"
+    for key in _BUFFERS:
+        value = p_state.get(key)
+        if value is None:
+            continue
+        if not torch.is_tensor(value):
+            return f"{key!r} must be a tensor, got {type(value).__name__}"
+        for attribute in ("shape", "dtype", "device"):
+            if getattr(value, attribute) != getattr(p, attribute):
+                return f"{key!r} has {attribute} {_show(value, attribute)}, the parameter has {_show(p, attribute)}"
+    return None
+
+
+def _show(t: Tensor, attribute: str) -> str:
+    value = getattr(t, attribute)
+    return str(tuple(value)) if attribute == "shape" else str(value)
 
 
 def _filled_like(p: Tensor, value: float) -> Tensor:

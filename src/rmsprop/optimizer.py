@@ -3,6 +3,8 @@ r"""The :class:`RMSprop` optimizer: a drop-in ``torch.optim.RMSprop`` with every
 from __future__ import annotations
 
 import inspect
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from torch.optim.optimizer import (
     _use_grad_for_differentiable,
 )
 
+from rmsprop import state_precision as low_precision
 from rmsprop.functional import Hyperparameters, rmsprop
 from rmsprop.presets import preset_settings
 from rmsprop.validation import check_settings
@@ -86,6 +89,14 @@ class RMSprop(Optimizer):
         lr_in_momentum (bool): accumulate :math:`\gamma u` in the momentum
             buffer, as TensorFlow, Keras and optax do, so a change of lr does
             not rescale past steps (default: False).
+        state_precision (str): how ``square_avg``, ``momentum_buffer`` and
+            ``grad_avg`` are stored: ``"full"`` (the parameter's dtype, as
+            torch), ``"bf16"`` (bfloat16, stochastically rounded) or
+            ``"8bit"`` (blockwise dynamic quantization); see
+            :mod:`rmsprop.state_precision`. A change of a group's value
+            converts its state at the next step (default: "full").
+        min_8bit_size (int): with ``"8bit"``, tensors with fewer elements
+            keep fp32 state (default: 4096, as bitsandbytes).
 
     Non-finite gradients are not filtered: like ``torch.optim``, NaN and inf
     propagate into the parameters. ``torch.amp.GradScaler`` is the tool that
@@ -112,6 +123,8 @@ class RMSprop(Optimizer):
         nesterov: bool = False,
         decoupled_weight_decay: bool = False,
         lr_in_momentum: bool = False,
+        state_precision: str = "full",
+        min_8bit_size: int = 4096,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -130,9 +143,12 @@ class RMSprop(Optimizer):
             "nesterov": nesterov,
             "decoupled_weight_decay": decoupled_weight_decay,
             "lr_in_momentum": lr_in_momentum,
+            "state_precision": state_precision,
+            "min_8bit_size": min_8bit_size,
         }
         check_settings(defaults)
         super().__init__(params, defaults)
+        self._note_state_precisions()
 
     @classmethod
     def from_preset(cls, name: str, params: ParamsT, **overrides: Any) -> RMSprop:
@@ -159,15 +175,35 @@ class RMSprop(Optimizer):
         """Load a state dict of this class or of ``torch.optim.RMSprop``.
 
         A state dict that does not fit these parameters raises ``ValueError``
-        and leaves the optimizer exactly as it was.
+        and leaves the optimizer exactly as it was. Low-precision state is
+        loaded exactly, then converted to each group's ``state_precision``.
         """
         previous_state, previous_groups = self.state, self.param_groups
+        # Optimizer.load_state_dict casts floating-point state to the parameter's dtype.
+        exact = low_precision.exact_entries(state_dict)
         try:
             super().load_state_dict(state_dict)
+            saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+            low_precision.restore_entries(exact, saved_ids, self._all_params(), self.state)
             self._check_loaded_state()
         except Exception:
             self.state, self.param_groups = previous_state, previous_groups
             raise
+        for group_index, group in enumerate(self.param_groups):
+            self._convert_state(group_index)
+        self._note_state_precisions()
+
+    def _all_params(self) -> Iterator[Tensor]:
+        return itertools.chain.from_iterable(group["params"] for group in self.param_groups)
+
+    def _convert_state(self, group_index: int) -> None:
+        """Store the state of a group's params in its ``state_precision``, if it is in another."""
+        group = self.param_groups[group_index]
+        first = sum(len(g["params"]) for g in self.param_groups[:group_index])
+        for index, p in enumerate(group["params"], start=first):
+            if self.state.get(p):
+                fmt = low_precision.target_format(p, group["state_precision"], group["min_8bit_size"])
+                low_precision.convert_state(self.state[p], p, fmt, index)
 
     def _check_loaded_state(self) -> None:
         for group_index, group in enumerate(self.param_groups):
@@ -192,6 +228,7 @@ class RMSprop(Optimizer):
                         raise ValueError(
                             f"{where}: {key!r} has shape {tuple(value.shape)}, the parameter has {tuple(p.shape)}"
                         )
+                low_precision.check_encoded_entries(p_state, p, where)
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         """Lists of the params with grads and their state, creating state on first use."""
@@ -246,7 +283,13 @@ class RMSprop(Optimizer):
 
         # Checked for every group first, so that a refused step changes nothing.
         self._check_no_sparse_grads()
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            if group["state_precision"] != "full":
+                self._step_low_precision(group_index)
+                continue
+            # Unknown after unpickling, hence True by default.
+            if getattr(self, "_low_precision_used", True):
+                self._convert_state(group_index)
             tensors = self._init_group(group)
             rmsprop(
                 *tensors,
@@ -255,7 +298,27 @@ class RMSprop(Optimizer):
                 differentiable=group["differentiable"],
                 capturable=group["capturable"],
             )
+        self._note_state_precisions()
         return loss
+
+    def _note_state_precisions(self) -> None:
+        # Remembered so that all-"full" optimizers skip the per-parameter format checks.
+        self._low_precision_used = any(g["state_precision"] != "full" for g in self.param_groups)
+
+    def _step_low_precision(self, group_index: int) -> None:
+        group = self.param_groups[group_index]
+        self._convert_state(group_index)
+        first = sum(len(g["params"]) for g in self.param_groups[:group_index])
+        indexed = [(index, p) for index, p in enumerate(group["params"], start=first) if p.grad is not None]
+        params = [p for _, p in indexed]
+        low_precision.step_encoded(
+            params,
+            [self.state[p] for p in params],
+            [index for index, _ in indexed],
+            group,
+            foreach=_use_foreach(group, params),
+            new_step=lambda p: torch.zeros((), dtype=_get_scalar_dtype()),
+        )
 
 
 # What a state dict without our flags (torch's, or an older version's) falls back to.

@@ -1,0 +1,414 @@
+r"""Low-precision optimizer state: bfloat16 and blockwise 8-bit codecs.
+
+The update rule is not repeated here. A step with low-precision state, per
+parameter tensor (so that only one tensor's state is ever held in fp32):
+
+1. **decode** the stored state to fp32 temporaries (:func:`decode_state`),
+2. run :func:`rmsprop.functional.rmsprop` on them,
+3. **encode** the temporaries back to the stored form (:func:`encode_state`).
+
+Stored forms of each buffer (``square_avg``, ``momentum_buffer``, ``grad_avg``):
+
+``"full"``
+    A tensor of the parameter's dtype, exactly as ``torch.optim.RMSprop``.
+``"bf16"``
+    A ``bfloat16`` tensor of the parameter's shape, rounded **stochastically**
+    from the fp32 result: a value between two neighbouring bfloat16 numbers
+    ``lo < x < hi`` becomes ``hi`` with probability ``(x - lo) / (hi - lo)``,
+    so ``E[round(x)] = x``. Round-to-nearest would be biased: with
+    ``alpha = 0.999`` the update ``v <- v + 0.001 (g^2 - v)`` changes ``v`` by
+    less than half a bfloat16 ulp (``2^-9`` relative) unless ``g^2`` differs
+    from ``v`` by more than about 40%, so ``v`` would freeze. Stochastic
+    rounding keeps every small update in expectation (Gupta et al., 2015,
+    arXiv:1502.02551).
+``"8bit"``
+    ``uint8`` codes of the parameter's shape plus ``<key>_absmax``, one fp32
+    per block of :data:`BLOCK_SIZE` consecutive elements (of the flattened
+    tensor). An element decodes as ``qmap[code] * absmax[block]``, where
+    ``qmap`` is a dynamic map (:func:`dynamic_map`: 7 decades, more codes in
+    the decades near the block maximum) as in bitsandbytes' 8-bit optimizers
+    (Dettmers et al., 2022, arXiv:2110.02861). Codes are rounded
+    stochastically between the two neighbouring map values, for the same
+    reason as bfloat16. ``momentum_buffer`` and ``grad_avg`` use the signed
+    map. ``square_avg`` uses the unsigned map on ``sqrt(square_avg)``; with
+    ``grad_avg`` also stored in 8 bits, it holds
+    ``sqrt(square_avg - grad_avg^2)`` instead, ``grad_avg`` being its decoded
+    value, and decodes as ``r^2 + grad_avg^2``. Why:
+
+    * A code of 0 means the denominator falls back to ``eps``. ``square_avg``
+      is the square of a gradient scale, so within one block it spans twice
+      as many decades as the gradients; the map's 7 decades would round to 0
+      every element whose gradient is 3000 times smaller than the block's
+      largest. Stored as its root, an element rounds to 0 only below 1e-7 of
+      the block's largest root, and the relative error of the denominator is
+      that of the code, not half of a twice-as-coarse one.
+    * Centered RMSProp divides by ``sqrt(square_avg - grad_avg^2)``. Two
+      independently rounded terms of nearly equal size can cancel to 0 or
+      below, which sends the step to ``g / eps``. Storing the difference
+      itself keeps its relative error that of one code.
+
+    Tensors with fewer than ``min_8bit_size`` elements, and complex
+    parameters in every mode, keep their state at fp32 or the parameter's
+    dtype, whichever is wider.
+
+Randomness. The rounding noise of each stored buffer at each step comes from
+its own generator, seeded by a hash of (parameter's position in the
+optimizer, buffer name, step count). It touches no global RNG (so data order
+and dropout draw the same numbers as with fp32 state), and it is a function of
+the state alone: a run resumed from a state dict rounds exactly as the
+uninterrupted run, and two runs with the same inputs are bit-identical.
+
+For a fused kernel: the codec is a pure function of ``(x, qmap, noise)``
+(:func:`quantize_blockwise`, :func:`stochastic_round_bf16`) and
+``(codes, absmax, qmap)`` (:func:`dequantize_blockwise`). A kernel that
+processes one block of :data:`BLOCK_SIZE` elements can read ``qmap`` (256
+fp32, :data:`SIGNED_MAP` / :data:`UNSIGNED_MAP`), decode, apply the rule,
+reduce the block's new absmax and encode in one pass, given the uniform noise
+from :func:`rounding_generator`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rmsprop.functional import Hyperparameters, rmsprop
+
+__all__ = [
+    "BLOCK_SIZE",
+    "SIGNED_MAP",
+    "UNSIGNED_MAP",
+    "convert_state",
+    "decode_state",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "encode_state",
+    "quantize_blockwise",
+    "rounding_generator",
+    "state_bytes",
+    "stochastic_round_bf16",
+    "is_in_format",
+    "target_format",
+]
+
+BLOCK_SIZE = 256
+BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
+_ABSMAX = "_absmax"
+
+
+def dynamic_map(signed: bool, decades: int = 7) -> Tensor:
+    """The 256 sorted values of a dynamic 8-bit map on [-1, 1] (signed) or [0, 1].
+
+    Decade ``k = 0 .. decades-1`` covers ``[0.1, 1] * 10^(k - decades + 1)``
+    with ``2^k`` (signed, per sign) or ``2^(k+1)`` (unsigned) equal bins, each
+    represented by its midpoint; 0 and 1 complete the map. The top decade thus
+    has a relative spacing of 0.7% (unsigned) to 1.4% (signed) at 1, and
+    elements below about ``10^-(decades-1) / 10`` of the block maximum round to 0.
+    This is the layout of bitsandbytes' ``create_dynamic_map``.
+    """
+    magnitudes = []
+    for k in range(decades):
+        bins = 2 ** (k if signed else k + 1)
+        edges = torch.linspace(0.1, 1.0, bins + 1, dtype=torch.float64)
+        midpoints = (edges[:-1] + edges[1:]) / 2
+        magnitudes.append(midpoints * 10.0 ** (k - decades + 1))
+    magnitudes = torch.cat(magnitudes)
+    values = [magnitudes, -magnitudes] if signed else [magnitudes]
+    values.append(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    qmap = torch.sort(torch.cat(values)).values.to(torch.float32)
+    if qmap.numel() != 256:
+        raise ValueError(f"a dynamic map with decades={decades} has {qmap.numel()} values, not 256")
+    return qmap
+
+
+SIGNED_MAP = dynamic_map(signed=True)
+UNSIGNED_MAP = dynamic_map(signed=False)
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
+
+
+def rounding_generator(param_index: int, key: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the rounding noise of buffer ``key`` of parameter ``param_index`` at ``step``."""
+    seed = _splitmix64(param_index)
+    seed = _splitmix64(seed ^ BUFFERS.index(key))
+    seed = _splitmix64(seed ^ step)
+    return torch.Generator(device=device).manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+
+
+def stochastic_round_bf16(x: Tensor, noise: Tensor) -> Tensor:
+    """``x`` (fp32) rounded to bfloat16, up with probability proportional to the dropped bits.
+
+    ``noise`` holds int32 values uniform in ``[0, 2^16)``, one per element:
+    adding it to the 16 low bits of the fp32 pattern carries into the kept bits
+    exactly when it exceeds their complement. NaN stays NaN.
+    """
+    bits = x.contiguous().view(torch.int32)
+    rounded = (bits + noise).bitwise_and_(-(1 << 16)).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+
+
+def bf16_noise(x: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device)
+
+
+def quantize_blockwise(x: Tensor, qmap: Tensor, uniform: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Codes (uint8, shape of ``x``) and per-block absmax (fp32) of ``x``.
+
+    Each block of :data:`BLOCK_SIZE` flattened elements is divided by its
+    largest magnitude and rounded to one of the two neighbouring values of the
+    sorted ``qmap``: up with probability proportional to the distance from the
+    lower one when ``uniform`` (U[0, 1) noise, one per element) is given,
+    otherwise to the nearest. Values outside the map's range clamp to its ends.
+    """
+    flat = x.reshape(-1).to(torch.float32)
+    blocks = _pad_to_blocks(flat)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)
+    scaled = scaled.reshape(-1)[: flat.numel()]
+    qmap = qmap.to(x.device)
+    upper = torch.searchsorted(qmap, scaled).clamp_(1, qmap.numel() - 1)
+    low, high = qmap[upper - 1], qmap[upper]
+    fraction = (scaled - low) / (high - low)
+    if uniform is None:
+        round_up = fraction >= 0.5
+    else:
+        round_up = uniform.reshape(-1) < fraction
+    codes = torch.where(round_up, upper, upper - 1).to(torch.uint8)
+    return codes.reshape(x.shape), absmax
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, qmap: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``qmap[code] * absmax[block]``, shaped like ``codes``."""
+    values = qmap.to(device=codes.device)[codes.reshape(-1).long()]
+    blocks = _pad_to_blocks(values)
+    decoded = (blocks * absmax.to(torch.float32).unsqueeze(1)).reshape(-1)[: codes.numel()]
+    return decoded.to(dtype).reshape(codes.shape)
+
+
+def _pad_to_blocks(flat: Tensor) -> Tensor:
+    padding = -flat.numel() % BLOCK_SIZE
+    if padding:
+        flat = torch.cat([flat, flat.new_zeros(padding)])
+    return flat.reshape(-1, BLOCK_SIZE)
+
+
+def num_blocks(numel: int) -> int:
+    return math.ceil(numel / BLOCK_SIZE)
+
+
+# --- formats of a parameter's state -----------------------------------------
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of the temporaries: fp32, or the parameter's if wider."""
+    return torch.promote_types(p.dtype, torch.float32) if p.is_floating_point() else p.dtype
+
+
+def target_format(p: Tensor, state_precision: str, min_8bit_size: int) -> str:
+    """How the state of ``p`` is stored: ``"full"``, ``"wide"`` (fp32 or wider), ``"bf16"`` or ``"8bit"``."""
+    if state_precision == "full":
+        return "full"
+    if p.is_complex():
+        return "wide"
+    if state_precision == "bf16":
+        return "bf16"
+    return "8bit" if p.numel() >= min_8bit_size else "wide"
+
+
+def _stored_dtype(p: Tensor, fmt: str) -> torch.dtype | None:
+    """The dtype of a buffer stored as ``fmt``; None for 8-bit codes."""
+    return {"full": p.dtype, "wide": _compute_dtype(p), "bf16": torch.bfloat16}.get(fmt)
+
+
+def is_in_format(state: Mapping[str, Any], p: Tensor, fmt: str) -> bool:
+    """Whether every buffer of ``p``'s state is stored as ``fmt``."""
+    dtype = _stored_dtype(p, fmt)
+    for key in BUFFERS:
+        if key not in state:
+            continue
+        quantized = key + _ABSMAX in state
+        if quantized != (dtype is None) or (dtype is not None and state[key].dtype != dtype):
+            return False
+    return True
+
+
+def _uses_variance_form(state: Mapping[str, Any]) -> bool:
+    """8-bit ``square_avg`` holds ``sqrt(v - m^2)`` exactly when ``grad_avg`` is 8-bit too."""
+    return "square_avg" + _ABSMAX in state and "grad_avg" + _ABSMAX in state
+
+
+def decode_state(state: Mapping[str, Any], p: Tensor) -> dict[str, Tensor]:
+    """The buffers of ``p``'s state as tensors of the compute dtype (fp32 or wider).
+
+    A buffer already stored in that dtype is returned itself, not copied, so
+    that it is updated in place.
+    """
+    dtype = _compute_dtype(p)
+    decoded = {}
+    for key in ("grad_avg", "momentum_buffer", "square_avg"):
+        if key not in state:
+            continue
+        if key + _ABSMAX in state:
+            qmap = UNSIGNED_MAP if key == "square_avg" else SIGNED_MAP
+            value = dequantize_blockwise(state[key], state[key + _ABSMAX], qmap, dtype)
+            if key == "square_avg":
+                value = value.square_()
+                if _uses_variance_form(state):
+                    value.addcmul_(decoded["grad_avg"], decoded["grad_avg"])
+        else:
+            value = state[key] if state[key].dtype == dtype else state[key].to(dtype)
+        decoded[key] = value
+    return decoded
+
+
+def encode_state(
+    state: dict[str, Any],
+    p: Tensor,
+    values: Mapping[str, Tensor],
+    fmt: str,
+    param_index: int,
+) -> None:
+    """Store ``values`` (compute dtype) as buffers of ``p``'s state in format ``fmt``.
+
+    The rounding noise is drawn from :func:`rounding_generator` at the state's
+    current step.
+    """
+    step = int(state["step"].item()) if "step" in state else 0
+    grad_avg_8bit = fmt == "8bit" and "grad_avg" in values
+    for key in ("grad_avg", "momentum_buffer", "square_avg"):
+        if key not in values:
+            continue
+        value = values[key]
+        state.pop(key + _ABSMAX, None)
+        if fmt == "full":
+            state[key] = value.to(p.dtype)
+        elif fmt == "wide":
+            state[key] = value
+        elif fmt == "bf16":
+            generator = rounding_generator(param_index, key, step, value.device)
+            state[key] = stochastic_round_bf16(value.to(torch.float32), bf16_noise(value, generator))
+        else:
+            generator = rounding_generator(param_index, key, step, value.device)
+            uniform = torch.rand(value.shape, generator=generator, device=value.device)
+            if key == "square_avg":
+                if grad_avg_8bit:
+                    mean = dequantize_blockwise(state["grad_avg"], state["grad_avg" + _ABSMAX], SIGNED_MAP, value.dtype)
+                    value = value.addcmul(mean, mean, value=-1)
+                value = value.clamp(min=0).sqrt_()
+            qmap = UNSIGNED_MAP if key == "square_avg" else SIGNED_MAP
+            state[key], state[key + _ABSMAX] = quantize_blockwise(value, qmap, uniform)
+
+
+def convert_state(state: dict[str, Any], p: Tensor, fmt: str, param_index: int) -> None:
+    """Re-store ``p``'s buffers in format ``fmt`` if they are in another one."""
+    if not is_in_format(state, p, fmt):
+        encode_state(state, p, decode_state(state, p), fmt, param_index)
+
+
+
+def _filled(p: Tensor, dtype: torch.dtype, value: float) -> Tensor:
+    if p.is_complex():
+        return torch.full(p.shape, complex(value, value), dtype=p.dtype, device=p.device)
+    return torch.full(p.shape, value, dtype=dtype, device=p.device)
+
+
+def step_encoded(
+    params: list[Tensor],
+    states: list[dict[str, Any]],
+    param_indices: list[int],
+    group: Mapping[str, Any],
+    *,
+    foreach: bool,
+    new_step: Any,
+) -> None:
+    """One RMSProp step of ``params`` (all with grads) whose state is stored per ``group["state_precision"]``.
+
+    ``new_step()`` makes the ``step`` entry of a fresh state.
+    """
+    hp = Hyperparameters.from_group(group)
+    for p, state, index in zip(params, states, param_indices, strict=True):
+        fmt = target_format(p, group["state_precision"], group["min_8bit_size"])
+        dtype = _compute_dtype(p)
+        if not state:
+            state["step"] = new_step(p)
+        values = decode_state(state, p)
+        values.setdefault("square_avg", _filled(p, dtype, group["initial_scale"]))
+        if group["momentum"] > 0:
+            values.setdefault("momentum_buffer", _filled(p, dtype, 0.0))
+        if group["centered"]:
+            values.setdefault("grad_avg", _filled(p, dtype, 0.0))
+        work_param = p if p.dtype == dtype else p.detach().to(dtype)
+        grad = p.grad if p.grad.dtype == dtype else p.grad.to(dtype)
+        rmsprop(
+            [work_param],
+            [grad],
+            [values["square_avg"]],
+            [values["grad_avg"]] if group["centered"] else [],
+            [values["momentum_buffer"]] if group["momentum"] > 0 else [],
+            [state["step"]],
+            hp,
+            foreach=foreach,
+        )
+        if work_param is not p:
+            p.copy_(work_param)
+        encode_state(state, p, values, fmt, index)
+
+
+# --- state dicts --------------------------------------------------------------
+
+
+def exact_entries(state_dict: Mapping[str, Any]) -> dict[Any, dict[str, Tensor]]:
+    """The entries of a state dict that ``Optimizer.load_state_dict`` would cast to the parameter's dtype
+    but that must stay as they are: bfloat16 buffers and 8-bit absmax."""
+    kept = {}
+    for param_id, param_state in state_dict["state"].items():
+        entries = {
+            key: value
+            for key, value in param_state.items()
+            if isinstance(value, Tensor) and (key.endswith(_ABSMAX) or value.dtype == torch.bfloat16)
+        }
+        if entries:
+            kept[param_id] = entries
+    return kept
+
+
+def restore_entries(
+    kept: Mapping[Any, Mapping[str, Tensor]], saved_ids: Iterable[Any], params: Iterable[Tensor], state: Mapping
+) -> None:
+    """Put ``kept`` entries back, on their parameter's device, into the loaded ``state``."""
+    for param_id, p in zip(saved_ids, params):
+        for key, value in kept.get(param_id, {}).items():
+            state[p][key] = value.to(device=p.device, copy=True)
+
+
+def check_encoded_entries(p_state: Mapping[str, Any], p: Tensor, where: str) -> None:
+    """``ValueError`` unless the 8-bit entries of a loaded state fit parameter ``p``."""
+    for key in BUFFERS:
+        absmax = p_state.get(key + _ABSMAX)
+        if absmax is None:
+            continue
+        codes = p_state.get(key)
+        if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8):
+            raise ValueError(f"{where}: {key!r} has an absmax entry, so it must hold uint8 codes")
+        blocks = num_blocks(p.numel())
+        if not (isinstance(absmax, Tensor) and absmax.shape == (blocks,) and absmax.dtype == torch.float32):
+            raise ValueError(f"{where}: {key + _ABSMAX!r} must be a float32 tensor of shape ({blocks},)")
+
+
+def state_bytes(states: Iterable[Mapping[str, Any]]) -> int:
+    """Bytes held by the tensors of optimizer states (``step`` included)."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in states
+        for value in state.values()
+        if isinstance(value, Tensor)
+    )

@@ -175,16 +175,21 @@ class RMSprop(Optimizer):
         """Load a state dict of this class or of ``torch.optim.RMSprop``.
 
         A state dict that does not fit these parameters raises ``ValueError``
-        and leaves the optimizer exactly as it was. Low-precision state is
-        loaded exactly, then converted to each group's ``state_precision``.
+        and leaves the optimizer exactly as it was. ``state_precision`` and
+        ``min_8bit_size`` stay this optimizer's, as the device does: the loaded
+        state is converted to them (e.g. a full-precision state dict is
+        quantized by an 8-bit optimizer), exactly where it already fits.
         """
         previous_state, previous_groups = self.state, self.param_groups
+        storage = [{key: group[key] for key in _STORAGE_SETTINGS} for group in previous_groups]
         # Optimizer.load_state_dict casts floating-point state to the parameter's dtype.
         exact = low_precision.exact_entries(state_dict)
         try:
             super().load_state_dict(state_dict)
             saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
             low_precision.restore_entries(exact, saved_ids, self._all_params(), self.state)
+            for group, settings in zip(self.param_groups, storage, strict=True):
+                group.update(settings)
             self._check_loaded_state()
         except Exception:
             self.state, self.param_groups = previous_state, previous_groups
@@ -203,7 +208,8 @@ class RMSprop(Optimizer):
         for index, p in enumerate(group["params"], start=first):
             if self.state.get(p):
                 fmt = low_precision.target_format(p, group["state_precision"], group["min_8bit_size"])
-                low_precision.convert_state(self.state[p], p, fmt, index)
+                weight = low_precision.mean_weight(group, self.state[p])
+                low_precision.convert_state(self.state[p], p, fmt, index, weight)
 
     def _check_loaded_state(self) -> None:
         for group_index, group in enumerate(self.param_groups):
@@ -216,7 +222,7 @@ class RMSprop(Optimizer):
                 step = p_state.get("step")
                 if not (torch.is_tensor(step) and step.numel() == 1):
                     raise ValueError(f"{where}: 'step' must be a 1-element tensor, got {step!r}")
-                if "square_avg" not in p_state:
+                if "square_avg" not in p_state and "grad_variance" not in p_state:
                     raise ValueError(f"{where}: 'square_avg' is missing")
                 for key in _BUFFERS:
                     if key not in p_state:
@@ -320,6 +326,9 @@ class RMSprop(Optimizer):
             new_step=lambda p: torch.zeros((), dtype=_get_scalar_dtype()),
         )
 
+
+# How a group stores its state: kept by load_state_dict.
+_STORAGE_SETTINGS = ("state_precision", "min_8bit_size")
 
 # What a state dict without our flags (torch's, or an older version's) falls back to.
 _FACTORY_DEFAULTS = {

@@ -96,7 +96,10 @@ __all__ = [
 ]
 
 BLOCK_SIZE = 256
-BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
+# Entries that can hold a buffer; grad_variance replaces square_avg in centered low-precision state.
+STORED = ("grad_avg", "momentum_buffer", "square_avg", "grad_variance")
+# 8-bit entries stored as their square root, with the unsigned map.
+_ROOTS = ("square_avg", "grad_variance")
 _ABSMAX = "_absmax"
 
 
@@ -139,7 +142,7 @@ def _splitmix64(value: int) -> int:
 def rounding_generator(param_index: int, key: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of the rounding noise of buffer ``key`` of parameter ``param_index`` at ``step``."""
     seed = _splitmix64(param_index)
-    seed = _splitmix64(seed ^ BUFFERS.index(key))
+    seed = _splitmix64(seed ^ STORED.index(key))
     seed = _splitmix64(seed ^ step)
     return torch.Generator(device=device).manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
 
@@ -231,8 +234,11 @@ def _stored_dtype(p: Tensor, fmt: str) -> torch.dtype | None:
 
 def is_in_format(state: Mapping[str, Any], p: Tensor, fmt: str) -> bool:
     """Whether every buffer of ``p``'s state is stored as ``fmt``."""
+    expects_variance = fmt in ("bf16", "8bit") and "grad_avg" in state
+    if ("grad_variance" in state) != expects_variance or ("square_avg" in state) == expects_variance:
+        return False
     dtype = _stored_dtype(p, fmt)
-    for key in BUFFERS:
+    for key in STORED:
         if key not in state:
             continue
         quantized = key + _ABSMAX in state
@@ -241,32 +247,41 @@ def is_in_format(state: Mapping[str, Any], p: Tensor, fmt: str) -> bool:
     return True
 
 
-def _uses_variance_form(state: Mapping[str, Any]) -> bool:
-    """8-bit ``square_avg`` holds ``sqrt(v - m^2)`` exactly when ``grad_avg`` is 8-bit too."""
-    return "square_avg" + _ABSMAX in state and "grad_avg" + _ABSMAX in state
+def mean_weight(group: Mapping[str, Any], state: Mapping[str, Any]) -> float:
+    """``1/c`` with bias correction ``c = 1 - alpha^t`` at the state's step, else 1.
+
+    Centered RMSProp divides by ``sqrt(v/c - m^2/c^2) = sqrt((v - m^2/c) / c)``,
+    so ``v - m^2/c`` is the variance that low-precision state stores.
+    """
+    step = int(state["step"].item()) if "step" in state else 0
+    if group["bias_correction"] and step > 0:
+        return 1.0 / (1.0 - group["alpha"] ** step)
+    return 1.0
 
 
-def decode_state(state: Mapping[str, Any], p: Tensor) -> dict[str, Tensor]:
-    """The buffers of ``p``'s state as tensors of the compute dtype (fp32 or wider).
+def decode_state(state: Mapping[str, Any], p: Tensor, weight: float = 1.0) -> dict[str, Tensor]:
+    """The buffers of ``p``'s state (``square_avg``, and ``momentum_buffer`` and ``grad_avg`` where
+    present) as tensors of the compute dtype (fp32 or wider); ``weight`` is :func:`mean_weight`.
 
     A buffer already stored in that dtype is returned itself, not copied, so
     that it is updated in place.
     """
     dtype = _compute_dtype(p)
     decoded = {}
-    for key in ("grad_avg", "momentum_buffer", "square_avg"):
+    for key in STORED:
         if key not in state:
             continue
         if key + _ABSMAX in state:
-            qmap = UNSIGNED_MAP if key == "square_avg" else SIGNED_MAP
+            qmap = UNSIGNED_MAP if key in _ROOTS else SIGNED_MAP
             value = dequantize_blockwise(state[key], state[key + _ABSMAX], qmap, dtype)
-            if key == "square_avg":
-                value = value.square_()
-                if _uses_variance_form(state):
-                    value.addcmul_(decoded["grad_avg"], decoded["grad_avg"])
+            if key in _ROOTS:
+                value.square_()
         else:
             value = state[key] if state[key].dtype == dtype else state[key].to(dtype)
         decoded[key] = value
+    if "grad_variance" in decoded:
+        mean = decoded["grad_avg"]
+        decoded["square_avg"] = decoded.pop("grad_variance").addcmul_(mean, mean, value=weight)
     return decoded
 
 
@@ -276,43 +291,41 @@ def encode_state(
     values: Mapping[str, Tensor],
     fmt: str,
     param_index: int,
+    weight: float = 1.0,
 ) -> None:
-    """Store ``values`` (compute dtype) as buffers of ``p``'s state in format ``fmt``.
+    """Store ``values`` (compute dtype, as :func:`decode_state` returns) as ``p``'s buffers in format ``fmt``.
 
-    The rounding noise is drawn from :func:`rounding_generator` at the state's
-    current step.
+    In ``"bf16"`` and ``"8bit"`` with a ``grad_avg``, ``square_avg`` is stored
+    as ``grad_variance = max(square_avg - weight * grad_avg^2, 0)``. The
+    rounding noise comes from :func:`rounding_generator` at the state's step.
     """
-    step = int(state["step"].item()) if "step" in state else 0
-    grad_avg_8bit = fmt == "8bit" and "grad_avg" in values
-    for key in ("grad_avg", "momentum_buffer", "square_avg"):
-        if key not in values:
-            continue
-        value = values[key]
+    stored = dict(values)
+    if fmt in ("bf16", "8bit") and "grad_avg" in stored:
+        mean = stored["grad_avg"]
+        stored["grad_variance"] = stored.pop("square_avg").addcmul(mean, mean, value=-weight).clamp_(min=0)
+    for key in STORED:
+        state.pop(key, None)
         state.pop(key + _ABSMAX, None)
-        if fmt == "full":
-            state[key] = value.to(p.dtype)
-        elif fmt == "wide":
-            state[key] = value
-        elif fmt == "bf16":
-            generator = rounding_generator(param_index, key, step, value.device)
+    step = int(state["step"].item()) if "step" in state else 0
+    for key, value in stored.items():
+        if fmt in ("full", "wide"):
+            state[key] = value.to(_stored_dtype(p, fmt))
+            continue
+        generator = rounding_generator(param_index, key, step, value.device)
+        if fmt == "bf16":
             state[key] = stochastic_round_bf16(value.to(torch.float32), bf16_noise(value, generator))
+            continue
+        uniform = torch.rand(value.shape, generator=generator, device=value.device)
+        if key in _ROOTS:
+            state[key], state[key + _ABSMAX] = quantize_blockwise(value.clamp(min=0).sqrt_(), UNSIGNED_MAP, uniform)
         else:
-            generator = rounding_generator(param_index, key, step, value.device)
-            uniform = torch.rand(value.shape, generator=generator, device=value.device)
-            if key == "square_avg":
-                if grad_avg_8bit:
-                    mean = dequantize_blockwise(state["grad_avg"], state["grad_avg" + _ABSMAX], SIGNED_MAP, value.dtype)
-                    value = value.addcmul(mean, mean, value=-1)
-                value = value.clamp(min=0).sqrt_()
-            qmap = UNSIGNED_MAP if key == "square_avg" else SIGNED_MAP
-            state[key], state[key + _ABSMAX] = quantize_blockwise(value, qmap, uniform)
+            state[key], state[key + _ABSMAX] = quantize_blockwise(value, SIGNED_MAP, uniform)
 
 
-def convert_state(state: dict[str, Any], p: Tensor, fmt: str, param_index: int) -> None:
+def convert_state(state: dict[str, Any], p: Tensor, fmt: str, param_index: int, weight: float = 1.0) -> None:
     """Re-store ``p``'s buffers in format ``fmt`` if they are in another one."""
     if not is_in_format(state, p, fmt):
-        encode_state(state, p, decode_state(state, p), fmt, param_index)
-
+        encode_state(state, p, decode_state(state, p, weight), fmt, param_index, weight)
 
 
 def _filled(p: Tensor, dtype: torch.dtype, value: float) -> Tensor:
@@ -332,7 +345,7 @@ def step_encoded(
 ) -> None:
     """One RMSProp step of ``params`` (all with grads) whose state is stored per ``group["state_precision"]``.
 
-    ``new_step()`` makes the ``step`` entry of a fresh state.
+    ``new_step(p)`` makes the ``step`` entry of a fresh state.
     """
     hp = Hyperparameters.from_group(group)
     for p, state, index in zip(params, states, param_indices, strict=True):
@@ -340,7 +353,7 @@ def step_encoded(
         dtype = _compute_dtype(p)
         if not state:
             state["step"] = new_step(p)
-        values = decode_state(state, p)
+        values = decode_state(state, p, mean_weight(group, state))
         values.setdefault("square_avg", _filled(p, dtype, group["initial_scale"]))
         if group["momentum"] > 0:
             values.setdefault("momentum_buffer", _filled(p, dtype, 0.0))
@@ -360,22 +373,18 @@ def step_encoded(
         )
         if work_param is not p:
             p.copy_(work_param)
-        encode_state(state, p, values, fmt, index)
+        encode_state(state, p, values, fmt, index, mean_weight(group, state))
 
 
 # --- state dicts --------------------------------------------------------------
 
 
 def exact_entries(state_dict: Mapping[str, Any]) -> dict[Any, dict[str, Tensor]]:
-    """The entries of a state dict that ``Optimizer.load_state_dict`` would cast to the parameter's dtype
-    but that must stay as they are: bfloat16 buffers and 8-bit absmax."""
+    """The buffers of a state dict, which ``Optimizer.load_state_dict`` would cast to the parameter's dtype:
+    bfloat16 buffers, 8-bit codes and their absmax must stay as they are."""
     kept = {}
     for param_id, param_state in state_dict["state"].items():
-        entries = {
-            key: value
-            for key, value in param_state.items()
-            if isinstance(value, Tensor) and (key.endswith(_ABSMAX) or value.dtype == torch.bfloat16)
-        }
+        entries = {key: value for key, value in param_state.items() if key != "step" and isinstance(value, Tensor)}
         if entries:
             kept[param_id] = entries
     return kept
@@ -387,12 +396,18 @@ def restore_entries(
     """Put ``kept`` entries back, on their parameter's device, into the loaded ``state``."""
     for param_id, p in zip(saved_ids, params):
         for key, value in kept.get(param_id, {}).items():
-            state[p][key] = value.to(device=p.device, copy=True)
+            state[p][key] = value.to(device=p.device)
 
 
 def check_encoded_entries(p_state: Mapping[str, Any], p: Tensor, where: str) -> None:
-    """``ValueError`` unless the 8-bit entries of a loaded state fit parameter ``p``."""
-    for key in BUFFERS:
+    """``ValueError`` unless the low-precision entries of a loaded state fit parameter ``p``."""
+    if "grad_variance" in p_state:
+        if "grad_avg" not in p_state or "square_avg" in p_state:
+            raise ValueError(f"{where}: 'grad_variance' needs 'grad_avg' and replaces 'square_avg'")
+        value = p_state["grad_variance"]
+        if not (isinstance(value, Tensor) and value.shape == p.shape):
+            raise ValueError(f"{where}: 'grad_variance' must be a tensor of shape {tuple(p.shape)}")
+    for key in STORED:
         absmax = p_state.get(key + _ABSMAX)
         if absmax is None:
             continue

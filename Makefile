@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # The CPU build first, so that nothing pulls a multi-GB CUDA build of torch.
 TORCH := torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench-memory
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
+
+# About 10 minutes on 2 cores; writes docs/memory-results.md.
+bench-memory: $(INSTALLED)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/rmsprop bench-memory --output docs/memory-results.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -17,6 +17,7 @@ from rmsprop.state_precision import (
     dequantize_blockwise,
     quantize_blockwise,
     rounding_generator,
+    state_bytes,
     stochastic_round_bf16,
 )
 
@@ -436,3 +437,13 @@ def test_load_with_bad_8bit_entries_fails_cleanly():
         optimizer.load_state_dict(state_dict)
     for key, value in before.items():
         assert torch.equal(optimizer.state[param][key], value)
+
+
+def test_state_bytes_of_8bit_state_match_the_layout():
+    weight, bias = torch.zeros(100, 100), torch.zeros(100)
+    optimizer = RMSprop([weight, bias], momentum=0.9, centered=True, state_precision="8bit")
+    weight.grad, bias.grad = torch.ones(100, 100), torch.ones(100)
+    optimizer.step()
+    # Three buffers: 10000 one-byte codes and 40 fp32 absmax for the weight, 100 fp32 for the bias; two fp32 steps.
+    expected = 3 * (10000 + 4 * math.ceil(10000 / 256)) + 3 * 4 * 100 + 2 * 4
+    assert state_bytes(optimizer.state.values()) == expected

@@ -177,7 +177,10 @@ def train(task_name: str, config: str, mode: str, seed: int, steps: int) -> Run:
     make_task, _ = TASKS[task_name]
     task = make_task(seed)
     params = list(task.model.parameters())
-    optimizer = RMSprop(params, lr=task.lr, state_precision=mode, **CONFIGS[config])
+    settings = CONFIGS[config]
+    # lr (1 - momentum): the same step size in a steady state as without momentum.
+    lr = task.lr * (1 - settings.get("momentum", 0.0))
+    optimizer = RMSprop(params, lr=lr, state_precision=mode, **settings)
     times = []
     for _ in range(steps):
         inputs, targets = task.next_batch()
@@ -299,9 +302,18 @@ def run(seeds: int = 3, scale: float = 1.0, threads: int = 1) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (for a seed-to-seed spread), got {value}")
+    return value
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m rmsprop.memory_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per task, configuration and mode (default: 3)")
+    parser.add_argument(
+        "--seeds", type=_at_least_two, default=3, help="seeds per task, configuration and mode, >= 2 (default: 3)"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the training steps (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, for stable timings)")
     parser.add_argument("--output", help="also write the tables to this Markdown file")

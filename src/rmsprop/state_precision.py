@@ -16,40 +16,46 @@ Stored forms of each buffer (``square_avg``, ``momentum_buffer``, ``grad_avg``):
     from the fp32 result: a value between two neighbouring bfloat16 numbers
     ``lo < x < hi`` becomes ``hi`` with probability ``(x - lo) / (hi - lo)``,
     so ``E[round(x)] = x``. Round-to-nearest would be biased: with
-    ``alpha = 0.999`` the update ``v <- v + 0.001 (g^2 - v)`` changes ``v`` by
-    less than half a bfloat16 ulp (``2^-9`` relative) unless ``g^2`` differs
-    from ``v`` by more than about 40%, so ``v`` would freeze. Stochastic
-    rounding keeps every small update in expectation (Gupta et al., 2015,
-    arXiv:1502.02551).
+    ``alpha = 0.999`` the update ``v <- v + 0.001 (g^2 - v)`` moves ``v`` by
+    less than half a bfloat16 ulp (``2^-9`` to ``2^-8`` of ``v``) unless
+    ``g^2`` exceeds about 3 to 5 times ``v``; ``v`` could then never decrease.
+    Stochastic rounding keeps every small update in expectation (Gupta et
+    al., 2015, arXiv:1502.02551), at the price of a random walk of each
+    element (about 2% of ``v`` with ``alpha = 0.999``, half that in the
+    denominator). Kahan-compensated bf16 would be deterministic but needs a
+    second bf16 buffer, i.e. fp32's memory.
 ``"8bit"``
     ``uint8`` codes of the parameter's shape plus ``<key>_absmax``, one fp32
     per block of :data:`BLOCK_SIZE` consecutive elements (of the flattened
     tensor). An element decodes as ``qmap[code] * absmax[block]``, where
     ``qmap`` is a dynamic map (:func:`dynamic_map`: 7 decades, more codes in
-    the decades near the block maximum) as in bitsandbytes' 8-bit optimizers
-    (Dettmers et al., 2022, arXiv:2110.02861). Codes are rounded
+    the decades near the block maximum), the map of bitsandbytes' 8-bit
+    optimizers (Dettmers et al., 2022, arXiv:2110.02861). Codes are rounded
     stochastically between the two neighbouring map values, for the same
     reason as bfloat16. ``momentum_buffer`` and ``grad_avg`` use the signed
-    map. ``square_avg`` uses the unsigned map on ``sqrt(square_avg)``; with
-    ``grad_avg`` also stored in 8 bits, it holds
-    ``sqrt(square_avg - grad_avg^2)`` instead, ``grad_avg`` being its decoded
-    value, and decodes as ``r^2 + grad_avg^2``. Why:
+    map; ``square_avg`` the unsigned map, on ``sqrt(square_avg)``:
+    ``square_avg`` is the square of a gradient scale, so within one block it
+    spans twice as many decades as the gradients, and the map's 7 decades
+    would round to 0 every element with a gradient 3000 times smaller than
+    the block's largest (measured by ``rmsprop bench-memory``). Its root
+    rounds to 0 only below 1e-7 of the block's largest root. A code of 0 is
+    not a disaster without centering: the new ``(1-alpha) g^2`` enters the
+    denominator before the division, so ``|g / d| <= 1/sqrt(1 - alpha)``;
+    but it is 10 to 30 times the normal step.
 
-    * A code of 0 means the denominator falls back to ``eps``. ``square_avg``
-      is the square of a gradient scale, so within one block it spans twice
-      as many decades as the gradients; the map's 7 decades would round to 0
-      every element whose gradient is 3000 times smaller than the block's
-      largest. Stored as its root, an element rounds to 0 only below 1e-7 of
-      the block's largest root, and the relative error of the denominator is
-      that of the code, not half of a twice-as-coarse one.
-    * Centered RMSProp divides by ``sqrt(square_avg - grad_avg^2)``. Two
-      independently rounded terms of nearly equal size can cancel to 0 or
-      below, which sends the step to ``g / eps``. Storing the difference
-      itself keeps its relative error that of one code.
+Centered RMSProp divides by ``sqrt(v - m^2)`` (with bias correction
+``c = 1 - alpha^t``: ``sqrt((v - m^2/c) / c)``). Where gradients are steady,
+``v - m^2`` is a small difference of two large terms, and two independently
+rounded bf16 or 8-bit values of ``v`` and ``m^2`` cancel to 0 or below, which
+sends the step to ``g / eps`` (measured: within 200-300 steps of gradients
+with 1% spread). So with ``grad_avg``, low-precision state stores
+``grad_variance = max(v - m^2/c, 0)`` (8-bit: its root) in place of
+``square_avg`` and decodes ``v = grad_variance + m^2/c``: the rule then sees
+the variance with the relative error of one code, never a cancellation.
 
-    Tensors with fewer than ``min_8bit_size`` elements, and complex
-    parameters in every mode, keep their state at fp32 or the parameter's
-    dtype, whichever is wider.
+Tensors with fewer than ``min_8bit_size`` elements, and complex parameters in
+every mode, keep their state at fp32 or the parameter's dtype, whichever is
+wider.
 
 Randomness. The rounding noise of each stored buffer at each step comes from
 its own generator, seeded by a hash of (parameter's position in the

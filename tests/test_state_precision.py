@@ -24,6 +24,15 @@ from rmsprop.state_precision import (
 LOW = ["bf16", "8bit"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tensors of a few thousand elements: intra-op threads only add contention (10x slower on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _bitsandbytes_dynamic_map(signed):
     """bitsandbytes' create_dynamic_map(signed, max_exponent_bits=7, total_bits=8), transcribed from its source."""
     data = []

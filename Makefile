@@ -22,10 +22,10 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
-# About 10 minutes on 2 cores; writes docs/memory-results.md.
+# About 10 minutes on 2 cores; prints the tables of docs/memory.md.
 bench-memory: $(INSTALLED)
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/rmsprop bench-memory --output docs/memory-results.md
+	$(BIN)/rmsprop bench-memory
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

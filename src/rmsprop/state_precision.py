@@ -120,7 +120,10 @@ def dynamic_map(signed: bool, decades: int = 7) -> Tensor:
     represented by its midpoint; 0 and 1 complete the map. The top decade thus
     has a relative spacing of 0.7% (unsigned) to 1.4% (signed) at 1, and
     elements below about ``10^-(decades-1) / 10`` of the block maximum round to 0.
-    This is the layout of bitsandbytes' ``create_dynamic_map``.
+    This is the layout of bitsandbytes' ``create_dynamic_map``, except that the
+    signed map trades its negative value nearest 0 for -1: the block's largest
+    magnitude is then exact for either sign, where bitsandbytes shrinks a
+    negative one by 0.7% at every encoding.
     """
     magnitudes = []
     for k in range(decades):
@@ -129,7 +132,7 @@ def dynamic_map(signed: bool, decades: int = 7) -> Tensor:
         midpoints = (edges[:-1] + edges[1:]) / 2
         magnitudes.append(midpoints * 10.0 ** (k - decades + 1))
     magnitudes = torch.cat(magnitudes)
-    values = [magnitudes, -magnitudes] if signed else [magnitudes]
+    values = [magnitudes, -magnitudes[1:], torch.tensor([-1.0], dtype=torch.float64)] if signed else [magnitudes]
     values.append(torch.tensor([0.0, 1.0], dtype=torch.float64))
     qmap = torch.sort(torch.cat(values)).values.to(torch.float32)
     if qmap.numel() != 256:

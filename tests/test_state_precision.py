@@ -143,7 +143,9 @@ def test_bf16_stochastic_rounding_keeps_signs_and_specials():
 
 @pytest.mark.parametrize("mode", LOW)
 def test_small_ema_updates_are_not_lost(mode):
-    """alpha=0.999 from square_avg=1 with g^2 = 2 c^2: v_t = alpha^t + 2 c^2 (1 - alpha^t), which rounding to nearest freezes."""
+    """alpha=0.999 from square_avg=1 toward g^2 = 2 c^2: v_t = alpha^t + 2 c^2 (1 - alpha^t).
+
+    Rounding to nearest would leave v at 1: each update is below half an ulp."""
     c = torch.linspace(0.8, 1.0, 4096)
     param = torch.zeros(4096, requires_grad=True)
     optimizer = RMSprop([param], lr=0.0, alpha=0.999, initial_scale=1.0, state_precision=mode, min_8bit_size=0)
@@ -192,7 +194,10 @@ def _flag_combinations():
             eps_in_sqrt=eps_in_sqrt,
             maximize=maximize,
         )
-        extra = [dict()] if momentum == 0 else [dict(nesterov=n, lr_in_momentum=l) for n in (False, True) for l in (False, True)]
+        if momentum == 0:
+            extra = [dict()]
+        else:
+            extra = [dict(nesterov=n, lr_in_momentum=m) for n in (False, True) for m in (False, True)]
         for more in extra:
             yield {**base, **more}
 
@@ -486,3 +491,8 @@ def test_the_largest_magnitude_of_a_block_is_exact_for_either_sign():
     x = torch.tensor([0.5, -3.0, 1.0, 2.0] * 64 + [4.0, -1.0, 0.25, -0.5] * 64)
     decoded = dequantize_blockwise(*quantize_blockwise(x, SIGNED_MAP), SIGNED_MAP)
     assert decoded[1].item() == -3.0 and decoded[256].item() == 4.0
+
+
+def test_min_8bit_size_accepts_any_integer_type():
+    optimizer = RMSprop([torch.zeros(2)], state_precision="8bit", min_8bit_size=np.int64(1))
+    assert optimizer.param_groups[0]["min_8bit_size"] == 1

@@ -72,7 +72,8 @@ def measure_memory(steps: int = 10) -> list[MemoryRow]:
                 optimizer.step()
                 times.append(time.perf_counter() - start)
             numel = sum(p.numel() for p in params)
-            rows.append(MemoryRow(config, mode, state_bytes(optimizer.state.values()) / numel, 1e3 * statistics.median(times[1:])))
+            bytes_per_param = state_bytes(optimizer.state.values()) / numel
+            rows.append(MemoryRow(config, mode, bytes_per_param, 1e3 * statistics.median(times[1:])))
     return rows
 
 
@@ -222,7 +223,8 @@ def dynamic_range(task: str, square_avgs: Sequence[torch.Tensor], min_size: int 
             errors.append(((root[positive] / v[positive].sqrt()) - 1).abs())
         errors = torch.cat(errors)
         total = sum(int((v > 0).sum()) for v in values)
-        rows.append(RangeRow(task, stored, zeros / total, torch.quantile(errors[:1_000_000], 0.99).item(), errors.max().item()))
+        p99 = torch.quantile(errors[:1_000_000], 0.99).item()
+        rows.append(RangeRow(task, stored, zeros / total, p99, errors.max().item()))
     return rows
 
 
@@ -238,7 +240,8 @@ def memory_table(rows: list[MemoryRow]) -> str:
     for r in rows:
         base = full[r.config]
         lines.append(
-            f"| {r.config} | {_label(r.mode)} | {r.bytes_per_param:.3f} | {r.bytes_per_param / base.bytes_per_param:.1%} "
+            f"| {r.config} | {_label(r.mode)} | {r.bytes_per_param:.3f} "
+            f"| {r.bytes_per_param / base.bytes_per_param:.1%} "
             f"| {r.step_ms:.2f} | {r.step_ms / base.step_ms:.1f}x |"
         )
     return "\n".join(lines)
@@ -296,7 +299,8 @@ def run(seeds: int = 3, scale: float = 1.0, threads: int = 1) -> str:
     ranges = []
     for task in TASKS:
         # square_avg of the plain fp32 runs: what 8-bit mode would quantize.
-        square_avgs = [v for r in runs if r.task == task and r.mode == "full" and r.config == "plain" for v in r.square_avgs]
+        plain_fp32 = [r for r in runs if r.task == task and r.mode == "full" and r.config == "plain"]
+        square_avgs = [v for r in plain_fp32 for v in r.square_avgs]
         ranges += dynamic_range(task, square_avgs)
     sections.append(range_table(ranges))
     return "\n\n".join(sections) + "\n"
@@ -310,7 +314,8 @@ def _at_least_two(text: str) -> int:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m rmsprop.memory_bench", description=__doc__.split("\n")[0])
+    if parser is None:
+        parser = argparse.ArgumentParser(prog="python -m rmsprop.memory_bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--seeds", type=_at_least_two, default=3, help="seeds per task, configuration and mode, >= 2 (default: 3)"
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 from torch import Tensor
@@ -90,11 +90,10 @@ def _check_alpha(alpha: Any, bias_correction: bool) -> None:
 def _check_state_precision(settings: Mapping[str, Any]) -> None:
     precision = settings["state_precision"]
     if precision not in STATE_PRECISIONS:
-        raise ValueError(
-            f"Invalid state_precision: {precision!r} (state_precision must be one of {', '.join(map(repr, STATE_PRECISIONS))})"
-        )
+        allowed = ", ".join(map(repr, STATE_PRECISIONS))
+        raise ValueError(f"Invalid state_precision: {precision!r} (state_precision must be one of {allowed})")
     size = settings["min_8bit_size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    if isinstance(size, bool) or not isinstance(size, Integral) or size < 0:
         raise ValueError(f"Invalid min_8bit_size: {size!r} (min_8bit_size must be an integer >= 0)")
     if precision != "full":
         # Rounding is neither differentiable nor capturable in a CUDA graph.

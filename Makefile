@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # The CPU build first, so that nothing pulls a multi-GB CUDA build of torch.
 TORCH := torch==2.13.0
 
-.PHONY: demo test install clean bench-memory
+.PHONY: demo test install clean
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,13 +19,14 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/rmsprop demo
 
-test: $(INSTALLED)
-	$(BIN)/python -m pytest
-
 # About 10 minutes on 2 cores; prints the tables of docs/memory.md.
+.PHONY: bench-memory
 bench-memory: $(INSTALLED)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/rmsprop bench-memory
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -496,3 +496,15 @@ def test_the_largest_magnitude_of_a_block_is_exact_for_either_sign():
 def test_min_8bit_size_accepts_any_integer_type():
     optimizer = RMSprop([torch.zeros(2)], state_precision="8bit", min_8bit_size=np.int64(1))
     assert optimizer.param_groups[0]["min_8bit_size"] == 1
+
+
+def test_changing_min_8bit_size_mid_run_converts_at_the_next_step():
+    param = torch.zeros(5000)
+    optimizer = RMSprop([param], state_precision="8bit")
+    param.grad = torch.ones(5000)
+    optimizer.step()
+    assert optimizer.state[param]["square_avg"].dtype == torch.uint8
+    optimizer.param_groups[0]["min_8bit_size"] = 10_000
+    optimizer.step()
+    assert optimizer.state[param]["square_avg"].dtype == torch.float32
+    assert "square_avg_absmax" not in optimizer.state[param]

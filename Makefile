@@ -23,6 +23,12 @@ demo: $(INSTALLED)
 compare: $(INSTALLED)
 	$(BIN)/rmsprop compare --out docs/results
 
+# About 10 minutes on 2 cores; prints the tables of docs/memory.md.
+.PHONY: bench-memory
+bench-memory: $(INSTALLED)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/rmsprop bench-memory
+
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 

@@ -3,6 +3,8 @@ r"""The :class:`RMSprop` optimizer: a drop-in ``torch.optim.RMSprop`` with every
 from __future__ import annotations
 
 import inspect
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from torch.optim.optimizer import (
     _use_grad_for_differentiable,
 )
 
+from rmsprop import state_precision as low_precision
 from rmsprop.functional import Hyperparameters, rmsprop
 from rmsprop.presets import preset_settings
 from rmsprop.validation import check_settings
@@ -86,6 +89,14 @@ class RMSprop(Optimizer):
         lr_in_momentum (bool): accumulate :math:`\gamma u` in the momentum
             buffer, as TensorFlow, Keras and optax do, so a change of lr does
             not rescale past steps (default: False).
+        state_precision (str): how ``square_avg``, ``momentum_buffer`` and
+            ``grad_avg`` are stored: ``"full"`` (the parameter's dtype, as
+            torch), ``"bf16"`` (bfloat16, stochastically rounded) or
+            ``"8bit"`` (blockwise dynamic quantization); see
+            :mod:`rmsprop.state_precision`. A change of a group's value
+            converts its state at the next step (default: "full").
+        min_8bit_size (int): with ``"8bit"``, tensors with fewer elements
+            keep fp32 state (default: 4096, as bitsandbytes).
 
     Non-finite gradients are not filtered: like ``torch.optim``, NaN and inf
     propagate into the parameters. ``torch.amp.GradScaler`` is the tool that
@@ -112,6 +123,8 @@ class RMSprop(Optimizer):
         nesterov: bool = False,
         decoupled_weight_decay: bool = False,
         lr_in_momentum: bool = False,
+        state_precision: str = "full",
+        min_8bit_size: int = 4096,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -130,9 +143,12 @@ class RMSprop(Optimizer):
             "nesterov": nesterov,
             "decoupled_weight_decay": decoupled_weight_decay,
             "lr_in_momentum": lr_in_momentum,
+            "state_precision": state_precision,
+            "min_8bit_size": min_8bit_size,
         }
         check_settings(defaults)
         super().__init__(params, defaults)
+        self._note_state_precisions()
 
     @classmethod
     def from_preset(cls, name: str, params: ParamsT, **overrides: Any) -> RMSprop:
@@ -159,16 +175,44 @@ class RMSprop(Optimizer):
         """Load a state dict of this class or of ``torch.optim.RMSprop``.
 
         A state dict that does not fit these parameters raises ``ValueError``
-        and leaves the optimizer exactly as it was.
+        and leaves the optimizer exactly as it was. ``state_precision`` and
+        ``min_8bit_size`` stay this optimizer's: the loaded state is converted
+        to them (e.g. a full-precision state dict is quantized by an 8-bit
+        optimizer, and full-precision state is cast to the parameter's dtype
+        as torch does), exactly where it already fits.
         """
         _check_state_dict_layout(state_dict)
         previous_state, previous_groups = self.state, self.param_groups
+        storage = [{key: group[key] for key in _STORAGE_SETTINGS} for group in previous_groups]
+        # Optimizer.load_state_dict casts floating-point state to the parameter's dtype,
+        # which would turn 8-bit codes into floats; they are put back as saved.
+        exact = low_precision.exact_entries(state_dict)
         try:
             super().load_state_dict(state_dict)
+            saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+            low_precision.restore_entries(exact, saved_ids, self._all_params(), self.state)
+            for group, settings in zip(self.param_groups, storage, strict=True):
+                group.update(settings)
             self._check_loaded_state()
         except Exception:
             self.state, self.param_groups = previous_state, previous_groups
             raise
+        for group_index in range(len(self.param_groups)):
+            self._convert_state(group_index)
+        self._note_state_precisions()
+
+    def _all_params(self) -> Iterator[Tensor]:
+        return itertools.chain.from_iterable(group["params"] for group in self.param_groups)
+
+    def _convert_state(self, group_index: int, *, skip_params_with_grads: bool = False) -> None:
+        """Store the state of a group's params in its ``state_precision``, if it is in another."""
+        group = self.param_groups[group_index]
+        first = sum(len(g["params"]) for g in self.param_groups[:group_index])
+        for index, p in enumerate(group["params"], start=first):
+            if self.state.get(p) and not (skip_params_with_grads and p.grad is not None):
+                fmt = low_precision.target_format(p, group["state_precision"], group["min_8bit_size"])
+                weight = low_precision.mean_weight(group, self.state[p])
+                low_precision.convert_state(self.state[p], p, fmt, index, weight)
 
     def _check_loaded_state(self) -> None:
         for key in self.state:
@@ -186,9 +230,12 @@ class RMSprop(Optimizer):
                 if not p_state:
                     continue
                 missing = [key for key in needed if key not in p_state]
-                problem = f"{missing[0]!r} is missing" if missing else _state_mismatch(p, p_state)
+                # The dtype is not checked: conversion to the group's precision follows.
+                problem = f"{missing[0]!r} is missing" if missing else _state_mismatch(p, p_state, ("shape",))
+                where = f"state of {_describe(group, group_index, param_index)}"
                 if problem:
-                    raise ValueError(f"state of {_describe(group, group_index, param_index)}: {problem}")
+                    raise ValueError(f"{where}: {problem}")
+                low_precision.check_encoded_entries(p_state, p, where)
 
     def _check_state_fits_params(self) -> None:
         """Raise ``ValueError`` where a param no longer fits its state, e.g. after ``model.half()``.
@@ -198,6 +245,8 @@ class RMSprop(Optimizer):
         param changed since then has left them all behind.
         """
         for group_index, group in enumerate(self.param_groups):
+            if group["state_precision"] != "full":
+                continue  # decoding checks low-precision state
             for param_index, p in enumerate(group["params"]):
                 p_state = self.state.get(p) if p.grad is not None else None
                 if not p_state or (_fits(p, p_state.get("square_avg")) and isinstance(p_state.get("step"), Tensor)):
@@ -281,8 +330,17 @@ class RMSprop(Optimizer):
         # and its guards already recompile when a param's shape or dtype changes.
         if not torch.compiler.is_compiling():
             self._check_no_sparse_grads()
+        # Unknown after unpickling, hence True by default.
+        if getattr(self, "_low_precision_used", True):
+            for group_index, group in enumerate(self.param_groups):
+                if group["state_precision"] == "full":
+                    self._convert_state(group_index)
+        if not torch.compiler.is_compiling():
             self._check_state_fits_params()
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            if group["state_precision"] != "full":
+                self._step_low_precision(group_index)
+                continue
             tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *tensors)
             rmsprop(
@@ -292,7 +350,32 @@ class RMSprop(Optimizer):
                 differentiable=group["differentiable"],
                 capturable=group["capturable"],
             )
+        self._note_state_precisions()
         return loss
+
+    def _note_state_precisions(self) -> None:
+        # Remembered so that all-"full" optimizers skip the per-parameter format checks.
+        self._low_precision_used = any(g["state_precision"] != "full" for g in self.param_groups)
+
+    def _step_low_precision(self, group_index: int) -> None:
+        group = self.param_groups[group_index]
+        # The step itself decodes any stored form and encodes the group's: one rounding, not two.
+        self._convert_state(group_index, skip_params_with_grads=True)
+        first = sum(len(g["params"]) for g in self.param_groups[:group_index])
+        indexed = [(index, p) for index, p in enumerate(group["params"], start=first) if p.grad is not None]
+        params = [p for _, p in indexed]
+        low_precision.step_encoded(
+            params,
+            [self.state[p] for p in params],
+            [index for index, _ in indexed],
+            group,
+            foreach=_use_foreach(group, params),
+            new_step=lambda p: torch.zeros((), dtype=_get_scalar_dtype()),
+        )
+
+
+# How a group stores its state: kept by load_state_dict.
+_STORAGE_SETTINGS = ("state_precision", "min_8bit_size")
 
 
 # What a state dict without our flags (torch's, or an older version's) falls back to.
@@ -337,12 +420,14 @@ def _fits(p: Tensor, buffer: Any) -> bool:
     )
 
 
-def _state_mismatch(p: Tensor, p_state: dict[str, Any]) -> str | None:
+def _state_mismatch(
+    p: Tensor, p_state: dict[str, Any], attributes: tuple[str, ...] = ("shape", "dtype", "device")
+) -> str | None:
     """What in ``p_state`` does not fit parameter ``p``, or None if it all fits."""
     step = p_state.get("step")
     if not (torch.is_tensor(step) and step.numel() == 1):
         return f"'step' must be a 1-element tensor, got {step!r}"
-    if "square_avg" not in p_state:
+    if "square_avg" not in p_state and "grad_variance" not in p_state:
         return "'square_avg' is missing"
     for key in _BUFFERS:
         value = p_state.get(key)
@@ -350,7 +435,7 @@ def _state_mismatch(p: Tensor, p_state: dict[str, Any]) -> str | None:
             continue
         if not torch.is_tensor(value):
             return f"{key!r} must be a tensor, got {type(value).__name__}"
-        for attribute in ("shape", "dtype", "device"):
+        for attribute in attributes:
             if getattr(value, attribute) != getattr(p, attribute):
                 return f"{key!r} has {attribute} {_show(value, attribute)}, the parameter has {_show(p, attribute)}"
     return None

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["FLAGS", "check_settings"]
+__all__ = ["FLAGS", "STATE_PRECISIONS", "check_settings"]
 
 # Non-negative numbers, with the phrase torch.optim uses for each.
 _NON_NEGATIVE = {
@@ -36,6 +36,8 @@ FLAGS = (
     "lr_in_momentum",
 )
 
+STATE_PRECISIONS = ("full", "bf16", "8bit")
+
 
 def check_settings(settings: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` if any setting of an optimizer or param group is invalid."""
@@ -54,6 +56,7 @@ def check_settings(settings: Mapping[str, Any]) -> None:
         )
     if settings["foreach"] and settings["differentiable"]:
         raise ValueError("Invalid foreach: True (foreach=True does not support differentiable=True)")
+    _check_state_precision(settings)
 
 
 def _check_lr_tensor(lr: Any) -> None:
@@ -82,3 +85,20 @@ def _check_alpha(alpha: Any, bias_correction: bool) -> None:
             raise ValueError(f"Invalid alpha value: {alpha} (alpha must be in [0, 1) with bias_correction=True)")
     elif not 0.0 <= number <= 1.0:
         raise ValueError(f"Invalid alpha value: {alpha} (alpha must be in [0, 1])")
+
+
+def _check_state_precision(settings: Mapping[str, Any]) -> None:
+    precision = settings["state_precision"]
+    if precision not in STATE_PRECISIONS:
+        allowed = ", ".join(map(repr, STATE_PRECISIONS))
+        raise ValueError(f"Invalid state_precision: {precision!r} (state_precision must be one of {allowed})")
+    size = settings["min_8bit_size"]
+    if isinstance(size, bool) or not isinstance(size, Integral) or size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {size!r} (min_8bit_size must be an integer >= 0)")
+    if precision != "full":
+        # Rounding is neither differentiable nor capturable in a CUDA graph.
+        for name in ("differentiable", "capturable"):
+            if settings[name]:
+                raise ValueError(
+                    f"Invalid {name}: True ({name}=True needs state_precision='full', got {precision!r})"
+                )

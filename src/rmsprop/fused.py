@@ -1,0 +1,201 @@
+r"""The fused CPU path: the whole RMSProp step in one pass over memory.
+
+The for-loop and foreach paths of :mod:`rmsprop.functional` make one pass
+over memory per tensor operation (5 to 9 per step) and allocate temporaries.
+Here one numba kernel (:mod:`rmsprop._numba_kernels`) reads each element of
+``p``, ``g``, ``v`` (and ``m``, ``b`` where used) once, applies the whole rule
+of :mod:`rmsprop.functional` in registers and writes ``p``, ``v`` (``m``,
+``b``) back: a plain fp32 step moves 20 bytes per parameter, the minimum.
+All the tensors of a step go to one kernel call, spread over numba's threads.
+
+Elements are computed in float32 (float64 for float64 tensors), so results
+equal the for-loop path within that type's rounding, not bit for bit: the
+operations are rounded in a different order (e.g. no temporary ``denom``
+tensor, and torch's kernels use fused multiply-adds in their vector loops).
+
+Supported: dense contiguous CPU tensors of float32, float64, bfloat16, float16,
+complex64 or complex128 (as pairs of reals), parameter, gradient and state of
+one dtype, with every flag of the rule. :func:`unsupported_reason` says why
+other inputs are not; the optimizer then falls back to the other paths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rmsprop.functional import Hyperparameters
+
+__all__ = ["fused_rmsprop", "numba_available", "unsupported_reason"]
+
+# Tensor dtype -> (array type the kernel sees, type elements are computed in).
+# bfloat16 and float16 travel as 16-bit integers (see rmsprop._numba_kernels).
+_KERNEL_TYPES = {
+    torch.float32: (np.float32, np.float32),
+    torch.float64: (np.float64, np.float64),
+    torch.bfloat16: (np.uint16, np.float32),
+    torch.float16: (np.int16, np.float32),
+}
+_REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+_STEP_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+@cache
+def numba_available() -> bool:
+    """Whether numba can be imported (checked without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+@cache
+def _kernels() -> ModuleType:
+    """The numba kernels, imported on the first fused step (importing numba takes ~1 s)."""
+    from rmsprop import _numba_kernels
+
+    return _numba_kernels
+
+
+def unsupported_dtype_or_layout(tensor: Tensor, what: str) -> str | None:
+    """Why the fused kernel cannot update ``tensor`` in place, or ``None`` if it can."""
+    if type(tensor) not in (Tensor, torch.nn.Parameter):
+        return f"{what} is a {type(tensor).__name__}, not a plain tensor"
+    if tensor.device.type != "cpu":
+        return f"{what} is on {tensor.device}; the fused path runs on CPU tensors"
+    if tensor.layout != torch.strided:
+        return f"{what} has layout {tensor.layout}, not torch.strided"
+    if _REAL_OF_COMPLEX.get(tensor.dtype, tensor.dtype) not in _KERNEL_TYPES:
+        return f"{what} has dtype {tensor.dtype}; supported: float32, float64, bfloat16, float16, complex64, complex128"
+    if not tensor.is_contiguous():
+        return f"{what} is not contiguous"
+    return None
+
+
+def unsupported_reason(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    differentiable: bool,
+    capturable: bool,
+) -> str | None:
+    """Why :func:`fused_rmsprop` cannot take these inputs, or ``None`` if it can."""
+    if not numba_available():
+        return "numba is not installed"
+    if differentiable:
+        return "differentiable=True needs autograd through the step"
+    if capturable:
+        return "capturable=True is for graph capture on accelerators"
+    for i, param in enumerate(params):
+        buffers = {"gradient": grads[i], "'square_avg'": square_avgs[i]}
+        if grad_avgs:
+            buffers["'grad_avg'"] = grad_avgs[i]
+        if momentum_buffers:
+            buffers["'momentum_buffer'"] = momentum_buffers[i]
+        reason = unsupported_dtype_or_layout(param, f"parameter {i}")
+        for what, tensor in buffers.items():
+            if reason is None and tensor.dtype != param.dtype:
+                reason = f"the {what} of parameter {i} is {tensor.dtype}, the parameter {param.dtype}"
+            reason = reason or unsupported_dtype_or_layout(tensor, f"the {what} of parameter {i}")
+        step = state_steps[i]
+        if reason is None and not (step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1):
+            reason = f"the 'step' of parameter {i} is not a 1-element float32 or float64 CPU tensor"
+        if reason is not None:
+            return reason
+    return None
+
+
+def fused_rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+    hp: Hyperparameters,
+) -> None:
+    """Apply one RMSProp step in place, in one pass over memory per dtype.
+
+    Same contract as :func:`rmsprop.functional.rmsprop`; the inputs must pass
+    :func:`unsupported_reason`.
+    """
+    if not params:
+        return
+    kernels = _kernels()
+    _match_torch_threads()
+    lr = float(hp.lr)
+    for dtype, indices in _indices_by_dtype(params, state_steps).items():
+        storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype[0], dtype[0])]
+
+        def addresses(tensors: list[Tensor]) -> np.ndarray:
+            return np.fromiter((tensors[i].data_ptr() for i in indices), np.int64, len(indices))
+
+        # Complex tensors are updated as pairs of reals, like the for-loop path.
+        sizes = np.fromiter((_real_numel(params[i]) for i in indices), np.int64, len(indices))
+        kernels.rmsprop_step(
+            addresses(params),
+            addresses(grads),
+            addresses(square_avgs),
+            addresses(grad_avgs) if hp.centered else None,
+            addresses(momentum_buffers) if hp.momentum > 0 else None,
+            sizes,
+            addresses(state_steps),
+            np.empty(0, storage),
+            np.empty(0, _STEP_TYPES[dtype[1]]),
+            kernel_scalars(hp, lr, compute),
+            float(hp.alpha),
+            hp.weight_decay != 0 and not hp.decoupled_weight_decay,
+            hp.bias_correction,
+            hp.nesterov,
+            hp.lr_in_momentum,
+        )
+    # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
+    torch.autograd.graph.increment_version(params)
+
+
+def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:
+    """The rule's numbers, in the order of ``_numba_kernels``'s indices, as the compute type.
+
+    Options that only change numbers are folded into them, which keeps one
+    kernel for them all without changing any result: the sign of the
+    gradient (maximize), ``1 - lr*wd`` (1 without decoupled weight decay) and
+    the eps added inside or outside the square root (0 for the other place).
+    """
+    kernels = _kernels()
+    scalars = np.empty(kernels.NUM_SCALARS, compute)
+    decoupled = hp.decoupled_weight_decay and hp.weight_decay != 0
+    scalars[kernels.LR] = lr
+    scalars[kernels.ALPHA] = hp.alpha
+    scalars[kernels.RATE] = 1 - hp.alpha
+    scalars[kernels.EPS_INSIDE] = hp.eps if hp.eps_in_sqrt else 0.0
+    scalars[kernels.EPS_OUTSIDE] = 0.0 if hp.eps_in_sqrt else hp.eps
+    scalars[kernels.WEIGHT_DECAY] = hp.weight_decay
+    scalars[kernels.DECAY_FACTOR] = 1 - lr * hp.weight_decay if decoupled else 1.0
+    scalars[kernels.MOMENTUM] = hp.momentum
+    scalars[kernels.SIGN] = -1.0 if hp.maximize else 1.0
+    return scalars
+
+
+def _indices_by_dtype(params: list[Tensor], state_steps: list[Tensor]) -> dict[tuple, list[int]]:
+    """Positions of the tensors of each (parameter dtype, step dtype): one kernel call each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (param, step) in enumerate(zip(params, state_steps, strict=True)):
+        groups.setdefault((param.dtype, step.dtype), []).append(i)
+    return groups
+
+
+def _real_numel(tensor: Tensor) -> int:
+    return 2 * tensor.numel() if tensor.is_complex() else tensor.numel()
+
+
+def _match_torch_threads() -> None:
+    """Use as many threads as torch does (``torch.set_num_threads``), within numba's pool."""
+    import numba
+
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))

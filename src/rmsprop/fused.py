@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 from functools import cache
+from operator import attrgetter
 from types import ModuleType
 
 import numpy as np
@@ -43,6 +44,9 @@ _KERNEL_TYPES = {
 }
 _REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 _STEP_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_SUPPORTED_DTYPES = _KERNEL_TYPES.keys() | _REAL_OF_COMPLEX.keys()
+_PLAIN_TYPES = {Tensor, torch.nn.Parameter}
+_DTYPE, _SHAPE, _LAYOUT, _IS_CPU = (attrgetter(name) for name in ("dtype", "shape", "layout", "is_cpu"))
 
 
 @cache
@@ -61,13 +65,13 @@ def _kernels() -> ModuleType:
 
 def unsupported_dtype_or_layout(tensor: Tensor, what: str) -> str | None:
     """Why the fused kernel cannot update ``tensor`` in place, or ``None`` if it can."""
-    if type(tensor) not in (Tensor, torch.nn.Parameter):
+    if type(tensor) not in _PLAIN_TYPES:
         return f"{what} is a {type(tensor).__name__}, not a plain tensor"
     if tensor.device.type != "cpu":
         return f"{what} is on {tensor.device}; the fused path runs on CPU tensors"
     if tensor.layout != torch.strided:
         return f"{what} has layout {tensor.layout}, not torch.strided"
-    if _REAL_OF_COMPLEX.get(tensor.dtype, tensor.dtype) not in _KERNEL_TYPES:
+    if tensor.dtype not in _SUPPORTED_DTYPES:
         return f"{what} has dtype {tensor.dtype}; supported: float32, float64, bfloat16, float16, complex64, complex128"
     if not tensor.is_contiguous():
         return f"{what} is not contiguous"
@@ -85,23 +89,59 @@ def unsupported_reason(
     differentiable: bool,
     capturable: bool,
 ) -> str | None:
-    """Why :func:`fused_rmsprop` cannot take these inputs, or ``None`` if it can."""
+    """Why :func:`fused_rmsprop` cannot take these inputs, or ``None`` if it can.
+
+    The kernel writes through raw pointers, so every tensor is checked at
+    every step: its device, layout, dtype, contiguity and shape.
+    """
     if not numba_available():
         return "numba is not installed"
     if differentiable:
         return "differentiable=True needs autograd through the step"
     if capturable:
         return "capturable=True is for graph capture on accelerators"
+    buffers = {"gradient": grads, "'square_avg'": square_avgs}
+    if grad_avgs:
+        buffers["'grad_avg'"] = grad_avgs
+    if momentum_buffers:
+        buffers["'momentum_buffer'"] = momentum_buffers
+    if _all_supported(params, list(buffers.values()), state_steps):
+        return None
+    return _first_unsupported(params, buffers, state_steps)
+
+
+def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_steps: list[Tensor]) -> bool:
+    """The check of :func:`unsupported_reason`, one C-level pass per property (~1 us per parameter)."""
+    for tensors in (params, *buffers):
+        if not (
+            set(map(type, tensors)) <= _PLAIN_TYPES
+            and all(map(_IS_CPU, tensors))
+            and set(map(_LAYOUT, tensors)) <= {torch.strided}
+            and all(map(Tensor.is_contiguous, tensors))
+        ):
+            return False
+    dtypes, shapes = list(map(_DTYPE, params)), list(map(_SHAPE, params))
+    if not set(dtypes) <= _SUPPORTED_DTYPES:
+        return False
+    if any(list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes for tensors in buffers):
+        return False
+    return (
+        set(map(_DTYPE, state_steps)) <= _STEP_TYPES.keys()
+        and all(map(_IS_CPU, state_steps))
+        and set(map(Tensor.numel, state_steps)) <= {1}
+    )
+
+
+def _first_unsupported(params: list[Tensor], buffers: dict[str, list[Tensor]], state_steps: list[Tensor]) -> str | None:
+    """The first problem :func:`_all_supported` found, in words."""
     for i, param in enumerate(params):
-        buffers = {"gradient": grads[i], "'square_avg'": square_avgs[i]}
-        if grad_avgs:
-            buffers["'grad_avg'"] = grad_avgs[i]
-        if momentum_buffers:
-            buffers["'momentum_buffer'"] = momentum_buffers[i]
         reason = unsupported_dtype_or_layout(param, f"parameter {i}")
-        for what, tensor in buffers.items():
+        for what, tensors in buffers.items():
+            tensor = tensors[i]
             if reason is None and tensor.dtype != param.dtype:
                 reason = f"the {what} of parameter {i} is {tensor.dtype}, the parameter {param.dtype}"
+            if reason is None and tensor.shape != param.shape:
+                reason = f"the {what} of parameter {i} has shape {tuple(tensor.shape)}, the parameter {tuple(param.shape)}"
             reason = reason or unsupported_dtype_or_layout(tensor, f"the {what} of parameter {i}")
         step = state_steps[i]
         if reason is None and not (step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1):
@@ -120,7 +160,7 @@ def fused_rmsprop(
     state_steps: list[Tensor],
     hp: Hyperparameters,
 ) -> None:
-    """Apply one RMSProp step in place, in one pass over memory per dtype.
+    """Apply one RMSProp step in place, in one kernel call per dtype.
 
     Same contract as :func:`rmsprop.functional.rmsprop`; the inputs must pass
     :func:`unsupported_reason`.
@@ -130,14 +170,16 @@ def fused_rmsprop(
     kernels = _kernels()
     _match_torch_threads()
     lr = float(hp.lr)
-    for dtype, indices in _indices_by_dtype(params, state_steps).items():
-        storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype[0], dtype[0])]
+    for (dtype, step_dtype), indices in _split_by_dtype(params, state_steps):
 
         def addresses(tensors: list[Tensor]) -> np.ndarray:
-            return np.fromiter((tensors[i].data_ptr() for i in indices), np.int64, len(indices))
+            chosen = tensors if indices is None else [tensors[i] for i in indices]
+            return np.array(list(map(Tensor.data_ptr, chosen)), np.int64)
 
         # Complex tensors are updated as pairs of reals, like the for-loop path.
-        sizes = np.fromiter((_real_numel(params[i]) for i in indices), np.int64, len(indices))
+        chosen_params = params if indices is None else [params[i] for i in indices]
+        sizes = np.array(list(map(Tensor.numel, chosen_params)), np.int64) * (2 if dtype.is_complex else 1)
+        storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
         kernels.rmsprop_step(
             addresses(params),
             addresses(grads),
@@ -147,7 +189,7 @@ def fused_rmsprop(
             sizes,
             addresses(state_steps),
             np.empty(0, storage),
-            np.empty(0, _STEP_TYPES[dtype[1]]),
+            np.empty(0, _STEP_TYPES[step_dtype]),
             kernel_scalars(hp, lr, compute),
             float(hp.alpha),
             hp.weight_decay != 0 and not hp.decoupled_weight_decay,
@@ -182,16 +224,15 @@ def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:
     return scalars
 
 
-def _indices_by_dtype(params: list[Tensor], state_steps: list[Tensor]) -> dict[tuple, list[int]]:
-    """Positions of the tensors of each (parameter dtype, step dtype): one kernel call each."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (param, step) in enumerate(zip(params, state_steps, strict=True)):
-        groups.setdefault((param.dtype, step.dtype), []).append(i)
-    return groups
-
-
-def _real_numel(tensor: Tensor) -> int:
-    return 2 * tensor.numel() if tensor.is_complex() else tensor.numel()
+def _split_by_dtype(params: list[Tensor], state_steps: list[Tensor]) -> list[tuple[tuple, list[int] | None]]:
+    """((parameter dtype, step dtype), positions) for each kernel call; ``None`` means all."""
+    kinds = list(zip(map(_DTYPE, params), map(_DTYPE, state_steps), strict=True))
+    if len(set(kinds)) == 1:
+        return [(kinds[0], None)]
+    positions: dict[tuple, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        positions.setdefault(kind, []).append(i)
+    return list(positions.items())
 
 
 def _match_torch_threads() -> None:

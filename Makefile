@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # The CPU build first, so that nothing pulls a multi-GB CUDA build of torch.
 TORCH := torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
+
+# The optimizer-step benchmark (docs/benchmark.md); takes minutes, torch.compile most of them.
+bench: $(INSTALLED)
+	$(BIN)/rmsprop bench --json out/benchmark.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

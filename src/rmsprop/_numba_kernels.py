@@ -245,3 +245,28 @@ def rmsprop_step(
             else:
                 update = lr * u
             p_chunk[i] = _narrow(p - update, like)
+
+
+@njit(parallel=True, cache=True)
+def stream_three_read_two_written(firsts, seconds, thirds, sizes, like):
+    """Memory traffic of a plain RMSProp step and nothing else: the benchmark's bound.
+
+    Reads the three tensors at each address triple and writes the first and
+    third back, chunked and threaded as :func:`rmsprop_step`. Adding
+    ``second - second`` leaves finite values as they were (up to the sign of
+    zero) but cannot be optimised away without fast-math.
+    """
+    owners, starts, ends = _chunks(sizes)
+    for chunk in prange(owners.size):
+        tensor = owners[chunk]
+        size = sizes[tensor]
+        start = starts[chunk]
+        end = ends[chunk]
+        a_chunk = carray(_pointer(firsts[tensor], like), size)[start:end]
+        b_chunk = carray(_pointer(seconds[tensor], like), size)[start:end]
+        c_chunk = carray(_pointer(thirds[tensor], like), size)[start:end]
+        for i in range(end - start):
+            second = b_chunk[i]
+            nothing = second - second
+            a_chunk[i] = a_chunk[i] + nothing
+            c_chunk[i] = c_chunk[i] + nothing

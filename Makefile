@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # The CPU build first, so that nothing pulls a multi-GB CUDA build of torch.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean test-frameworks golden
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,28 @@ test: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/rmsprop bench --json out/benchmark.json
 
+# The frameworks that the presets reproduce, in a venv of their own: the live
+# comparisons (pytest -m frameworks) and the golden vectors tests/golden/frameworks.json.
+FW_VENV := .venv-frameworks
+FW_INSTALLED := $(FW_VENV)/.installed
+FRAMEWORKS := jax==0.10.2 optax==0.2.8 keras==3.15.1
+# Without its dependencies: they pull torchvision, whose PyPI build does not load
+# with the CPU torch, and its RMSpropTF needs only torch.
+TIMM := timm==1.0.31
+
+$(FW_INSTALLED): pyproject.toml Makefile
+	test -x $(FW_VENV)/bin/python || $(PYTHON) -m venv $(FW_VENV)
+	$(FW_VENV)/bin/pip install --quiet $(TORCH)
+	$(FW_VENV)/bin/pip install --quiet $(FRAMEWORKS)
+	$(FW_VENV)/bin/pip install --quiet --no-deps $(TIMM)
+	$(FW_VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+test-frameworks: $(FW_INSTALLED)
+	$(FW_VENV)/bin/python -m pytest -m frameworks
+
+golden: $(FW_INSTALLED)
+	$(FW_VENV)/bin/python tools/make_framework_vectors.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FW_VENV) .pytest_cache .hypothesis

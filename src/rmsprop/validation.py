@@ -46,7 +46,7 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     for name in FLAGS:
         if not isinstance(settings[name], bool):
             raise ValueError(f"Invalid {name}: {settings[name]!r} ({name} must be True or False)")
-    if settings["foreach"] not in (None, True, False):
+    if not (settings["foreach"] is None or isinstance(settings["foreach"], bool)):
         raise ValueError(f"Invalid foreach: {settings['foreach']!r} (foreach must be None, True or False)")
     if settings["nesterov"] and not settings["momentum"] > 0:
         raise ValueError(

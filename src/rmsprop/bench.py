@@ -217,7 +217,11 @@ def run_benchmark(
     repeats = repeats or (3 if quick else 15)
     compile_torch = (not quick) if compile_torch is None else compile_torch
     chosen = [case for case in cases(quick) if not case_names or case.name in case_names]
-    results = [run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch) for case in chosen]
+    results = []
+    for case in chosen:
+        start = time.perf_counter()
+        results.append(run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch))
+        print(f"bench: {case.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     import numba
 
     return {

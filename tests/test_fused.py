@@ -379,3 +379,36 @@ def test_low_precision_state_is_the_float32_result_rounded_to_nearest_even(dtype
     assert torch.equal(actual.isnan(), expected.isnan())
     assert torch.equal(actual[~actual.isnan()], expected[~expected.isnan()])
     assert torch.equal(param[4:], start[4:])  # lr = 0 leaves finite-gradient parameters exactly as they were
+
+
+def test_fused_takes_parameters_of_several_dtypes_in_one_group():
+    """One kernel call per dtype; each parameter ends as the for-loop path leaves it."""
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.complex64, torch.float64]
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=generator, dtype=torch.float64).to(dtype) for dtype in dtypes]
+    fused_params = [torch.nn.Parameter(p.clone()) for p in start]
+    loop_params = [torch.nn.Parameter(p.clone()) for p in start]
+    settings = {"momentum": 0.8, "centered": True, "eps": 0.1, "alpha": 0.9, "initial_scale": 1.0}
+    fused = RMSprop(fused_params, fused=True, **settings)
+    loop = RMSprop(loop_params, fused=False, foreach=False, **settings)
+    for step in range(3):
+        for p, q in zip(fused_params, loop_params, strict=True):
+            p.grad = torch.full_like(p, 0.5 + step)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_takes_float64_step_counters():
+    """With float64 as torch's default dtype, the 'step' tensors are float64."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        fused, loop = _fused_and_loop(FLAG_COMBINATIONS[-1], torch.float32, torch.float32)
+    finally:
+        torch.set_default_dtype(previous)
+    assert fused[1].dtype == torch.float64
+    for actual, expected in zip(fused, loop, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

@@ -230,9 +230,10 @@ def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:
 
 def _split_by_dtype(params: list[Tensor], state_steps: list[Tensor]) -> list[tuple[tuple, list[int] | None]]:
     """((parameter dtype, step dtype), positions) for each kernel call; ``None`` means all."""
+    param_dtypes, step_dtypes = set(map(_DTYPE, params)), set(map(_DTYPE, state_steps))
+    if len(param_dtypes) == len(step_dtypes) == 1:
+        return [((param_dtypes.pop(), step_dtypes.pop()), None)]
     kinds = list(zip(map(_DTYPE, params), map(_DTYPE, state_steps), strict=True))
-    if len(set(kinds)) == 1:
-        return [(kinds[0], None)]
     positions: dict[tuple, list[int]] = {}
     for i, kind in enumerate(kinds):
         positions.setdefault(kind, []).append(i)

@@ -412,3 +412,13 @@ def test_fused_takes_float64_step_counters():
     assert fused[1].dtype == torch.float64
     for actual, expected in zip(fused, loop, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_leaves_tensors_off_the_cpu_to_the_other_paths():
+    """The meta device stands in for CUDA, which CI does not have."""
+    param = torch.nn.Parameter(torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="Invalid fused: True .*parameter 0 is on meta; the fused path runs on CPU tensors"):
+        RMSprop([param], fused=True)
+    tensors = [[torch.ones(3, device="meta")] for _ in range(3)]
+    reason = unsupported_reason(*tensors, [], [], [torch.zeros(())], differentiable=False, capturable=False)
+    assert reason == "parameter 0 is on meta; the fused path runs on CPU tensors"

@@ -1,6 +1,6 @@
 r"""numba kernels of the fused CPU path: the whole RMSProp step in one pass over memory.
 
-Imported lazily by :mod:`rmsprop.fused` (importing numba takes seconds). The
+Imported lazily by :mod:`rmsprop.fused` (importing numba takes about a second). The
 kernels are compiled on first use and cached on disk (``cache=True``), so a
 later process loads them in milliseconds.
 
@@ -38,8 +38,8 @@ from numba.extending import intrinsic, overload
 
 # numba's own thread pool, unless the user chose one. Its OpenMP layer runs a
 # second OpenMP pool beside torch's, and the two spin against each other: on
-# 2 cores a fused step of 4M parameters right after a torch matmul took
-# 9.5-10 ms with "omp" and 2.2-2.6 ms with "workqueue" (docs/benchmark.md).
+# 2 cores a fused step of 4M parameters next to torch matmuls took 8.1-10.1 ms
+# with "omp" and 2.2-3.1 ms with "workqueue" (docs/benchmark.md).
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 

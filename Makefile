@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # The CPU build first, so that nothing pulls a multi-GB CUDA build of torch.
 TORCH := torch==2.13.0
 
-.PHONY: demo test install clean compare test-frameworks golden
+.PHONY: demo test bench install clean compare test-frameworks golden
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench-memory: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
+
+# The optimizer-step benchmark (docs/benchmark.md); takes minutes, torch.compile most of them.
+bench: $(INSTALLED)
+	$(BIN)/rmsprop bench --json out/benchmark.json
 
 # The frameworks that the presets reproduce, in a venv of their own: the live
 # comparisons (pytest -m frameworks) and the golden vectors tests/golden/frameworks.json.

@@ -1,7 +1,9 @@
 """The torch.optim conventions behave as with ``torch.optim.RMSprop``.
 
-Each test runs the same scenario with torch's RMSprop and ours (default flags,
-where the two are bit-identical) and compares.
+Each test runs the same scenario with torch's RMSprop and ours (default flags)
+and compares. By default ours takes the fused kernel, equal to torch within
+float32 rounding (tests/test_fused.py); torch's own paths are bit-identical
+(tests/test_optimizer.py).
 """
 
 import copy
@@ -39,11 +41,12 @@ def _params(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def _assert_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     assert len(a) == len(b)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def _run_both(scenario) -> None:
-    """``scenario(optimizer_class)`` returns params; ours must equal torch's exactly."""
+    """``scenario(optimizer_class)`` returns params; ours must equal torch's within float32 rounding."""
     _assert_equal(scenario(RMSprop), scenario(torch.optim.RMSprop))
 
 

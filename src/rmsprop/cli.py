@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rmsprop import __version__
 from rmsprop.compare import TASK_NAMES
@@ -43,6 +44,18 @@ def _bench_memory(args: argparse.Namespace) -> int:
     from rmsprop.memory_bench import main_with_args
 
     return main_with_args(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rmsprop.bench import main
+
+    return main(
+        quick=args.quick,
+        json_path=args.json,
+        repeats=args.repeats,
+        compile_torch=args.compile,
+        case_names=args.case,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,17 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="compare-results", help="output folder (default: compare-results)")
     compare.set_defaults(run=_compare)
 
-
     from rmsprop.memory_bench import build_parser as build_bench_parser
 
-    bench = commands.add_parser(
+    bench_memory = commands.add_parser(
         "bench-memory",
         help="state bytes, training quality and step time of bf16 and 8-bit optimizer state against fp32",
         description="Measure optimizer-state bytes per parameter, held-out loss over seeds on digits and a "
         "char-level LSTM, and step time, for state_precision full, bf16 and 8bit.",
     )
-    build_bench_parser(bench)
-    bench.set_defaults(run=_bench_memory)
+    build_bench_parser(bench_memory)
+    bench_memory.set_defaults(run=_bench_memory)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time the optimizer step of torch and of every rmsprop path; print a markdown table",
+        description="Time torch.optim.RMSprop (for-loop, foreach, torch.compile) and rmsprop.RMSprop "
+        "(for-loop, foreach, fused) on the issue's cases, interleaved in one process, against a "
+        "memory bound measured in the same run. Prints a markdown table and writes JSON.",
+    )
+    bench.add_argument("--quick", action="store_true", help="tiny cases and few steps: a smoke test, not a measurement")
+    bench.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    bench.add_argument("--repeats", type=_positive_int, default=None, help="timed steps per implementation (default: 15, quick: 3)")
+    bench.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="include torch.compile of torch's step (default: on, off with --quick); compiling takes seconds to minutes per case",
+    )
+    bench.add_argument("--case", action="append", default=None, help="run only this case (by name; repeatable)")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -62,6 +62,7 @@ def rmsprop(
     hp: Hyperparameters,
     *,
     foreach: bool = False,
+    fused: bool = False,
     differentiable: bool = False,
     capturable: bool = False,
 ) -> None:
@@ -69,9 +70,16 @@ def rmsprop(
 
     ``grad_avgs`` must be filled when ``hp.centered`` and ``momentum_buffers``
     when ``hp.momentum > 0``; otherwise they may be empty. ``state_steps`` are
-    0-dim tensors that are incremented.
+    0-dim tensors that are incremented. ``fused`` runs the one-pass CPU
+    kernel of :mod:`rmsprop.fused` (see :func:`rmsprop.fused.unsupported_reason`
+    for what it takes).
     """
     if not params:
+        return
+    if fused:
+        from rmsprop.fused import fused_rmsprop
+
+        fused_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, hp)
         return
     if capturable:
         _check_capturable_devices(params, state_steps)

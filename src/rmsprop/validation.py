@@ -57,6 +57,20 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     if settings["foreach"] and settings["differentiable"]:
         raise ValueError("Invalid foreach: True (foreach=True does not support differentiable=True)")
     _check_state_precision(settings)
+    _check_fused(settings)
+
+
+def _check_fused(settings: Mapping[str, Any]) -> None:
+    fused = settings["fused"]
+    if not (fused is None or isinstance(fused, bool)):
+        raise ValueError(f"Invalid fused: {fused!r} (fused must be None, True or False)")
+    if not fused:
+        return
+    if settings["foreach"]:
+        raise ValueError("Invalid fused: True (fused=True and foreach=True cannot both be set)")
+    for flag in ("differentiable", "capturable"):
+        if settings[flag]:
+            raise ValueError(f"Invalid fused: True (the fused path does not support {flag}=True)")
 
 
 def _check_lr_tensor(lr: Any) -> None:

@@ -1,0 +1,278 @@
+"""``rmsprop bench``: the optimizer step of every implementation, timed in one process.
+
+Each case is a list of fp32 parameters with gradients. Every implementation
+gets its own optimizer over the same parameters; after one first call
+(reported apart: compiling or loading kernels happens there) and a warm-up,
+the implementations take steps in turn, round after round, so that a change
+in the machine's load hits them all alike. The median ms per step is
+reported, with ratios to torch's for-loop and foreach steps and to a memory
+bound measured in the same rounds: a numba kernel that only moves memory in
+the step's own pattern (3 tensors read, 2 written, same chunks and threads),
+scaled to the bytes the case's step must move. Timings never enter tests.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rmsprop.optimizer import RMSprop
+
+__all__ = ["Case", "cases", "main", "markdown_table", "run_benchmark"]
+
+TORCH_LOOP = "torch for-loop"
+TORCH_FOREACH = "torch foreach"
+TORCH_COMPILED = "torch.compile(torch step)"
+BOUND = "memory bound (3 read, 2 written)"
+LR = 1e-4  # small, so that many steps leave the parameters in a normal range
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shapes: list[tuple[int, ...]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(int(np.prod(shape)) for shape in self.shapes)
+
+    @property
+    def bytes_per_step(self) -> int:
+        """fp32 bytes a one-pass step moves: p, g, v read, p, v written; +8 for each of b and m."""
+        per_element = 20 + 8 * (self.settings.get("momentum", 0) > 0) + 8 * self.settings.get("centered", False)
+        return per_element * self.numel
+
+
+def transformer_shapes(layers: int, width: int, vocab: int) -> list[tuple[int, ...]]:
+    """The weights and biases of a GPT-like stack: attention in/out, MLP in/out per layer, plus embeddings."""
+    shapes: list[tuple[int, ...]] = [(vocab, width)]
+    for _ in range(layers):
+        shapes += [(3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """The issue's cases; ``quick`` shrinks them for a smoke test."""
+    big = 1 << 16 if quick else 32 << 20
+    transformer = transformer_shapes(2, 32, 256) if quick else transformer_shapes(24, 288, 8192)
+    small = [(256,)] * 20 if quick else [(4096,)] * 1000
+    both = {"momentum": 0.9, "centered": True}
+    return [
+        Case("one tensor, 32M" if not quick else "one tensor", [(big,)]),
+        Case("transformer list", transformer),
+        Case("1000 tensors of 4096" if not quick else "small tensors", small),
+        Case("one tensor, 32M, momentum + centered" if not quick else "one tensor, momentum + centered", [(big,)], both),
+        Case("transformer list, momentum", transformer, {"momentum": 0.9}),
+        Case("transformer list, centered", transformer, {"centered": True}),
+    ]
+
+
+def _torch_step(params: list[torch.Tensor], settings: dict, foreach: bool) -> Callable[[], Any]:
+    return torch.optim.RMSprop(params, lr=LR, foreach=foreach, **settings).step
+
+
+def _compiled_torch_step(params: list[torch.Tensor], settings: dict) -> Callable[[], Any]:
+    """torch's RMSprop step under torch.compile, as in torch's "compiling the optimizer" recipe."""
+    optimizer = torch.optim.RMSprop(params, lr=LR, **settings)
+
+    @torch.compile(fullgraph=False)
+    def step() -> None:
+        optimizer.step()
+
+    return step
+
+
+def _our_step(params: list[torch.Tensor], settings: dict, **path: bool) -> Callable[[], Any]:
+    return RMSprop(params, lr=LR, **settings, **path).step
+
+
+def _bound_step(params: list[torch.Tensor], state_of: RMSprop) -> Callable[[], Any]:
+    """The memory-only kernel on this case's parameters, gradients and square averages."""
+    from rmsprop.fused import _kernels
+
+    kernels = _kernels()
+    addresses = [
+        np.array([t.data_ptr() for t in tensors], np.int64)
+        for tensors in (params, [p.grad for p in params], [state_of.state[p]["square_avg"] for p in params])
+    ]
+    sizes = np.array([p.numel() for p in params], np.int64)
+    like = np.empty(0, np.float32)
+    return lambda: kernels.stream_three_read_two_written(*addresses, sizes, like)
+
+
+def _implementations(
+    params: list[torch.Tensor], case: Case, compile_torch: bool
+) -> tuple[dict[str, Callable[[], Any]], RMSprop]:
+    """The step of each implementation, and our fused optimizer (the bound reads its state)."""
+    fused = RMSprop(params, lr=LR, fused=True, **case.settings)
+    steps = {
+        TORCH_LOOP: _torch_step(params, case.settings, foreach=False),
+        TORCH_FOREACH: _torch_step(params, case.settings, foreach=True),
+    }
+    if compile_torch:
+        steps[TORCH_COMPILED] = _compiled_torch_step(params, case.settings)
+    steps["rmsprop for-loop"] = _our_step(params, case.settings, foreach=False, fused=False)
+    steps["rmsprop foreach"] = _our_step(params, case.settings, foreach=True, fused=False)
+    steps["rmsprop fused"] = fused.step
+    return steps, fused
+
+
+def _timed(step: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    step()
+    return (time.perf_counter() - start) * 1e3
+
+
+def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool) -> dict[str, Any]:
+    """Median ms per step and first-call ms of each implementation on ``case``."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in case.shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    steps, fused = _implementations(params, case, compile_torch)
+    first = {name: _timed(step) for name, step in steps.items()}
+    # After the first fused step, which creates the square averages the bound reads.
+    steps[BOUND] = _bound_step(params, fused)
+    first[BOUND] = _timed(steps[BOUND])
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(repeats):
+        # A rotating order, so no implementation always runs right after the same one.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(steps[name]))
+    torch._dynamo.reset()
+    return _summary(case, first, times)
+
+
+def _summary(case: Case, first: dict[str, float], times: dict[str, list[float]]) -> dict[str, Any]:
+    median = {name: statistics.median(values) for name, values in times.items()}
+    bound_ms = median[BOUND] * case.bytes_per_step / (20 * case.numel)
+    results = []
+    for name, ms in median.items():
+        if name == BOUND:
+            continue
+        results.append(
+            {
+                "implementation": name,
+                "median_ms": ms,
+                "speedup_vs_torch_for_loop": median[TORCH_LOOP] / ms,
+                "speedup_vs_torch_foreach": median[TORCH_FOREACH] / ms,
+                "times_bound": ms / bound_ms,
+                "first_call_ms": first[name],
+                "steps_timed": len(times[name]),
+            }
+        )
+    return {
+        "case": case.name,
+        "settings": case.settings,
+        "tensors": len(case.shapes),
+        "parameters": case.numel,
+        "bytes_per_step": case.bytes_per_step,
+        "bandwidth_gb_per_s": 20 * case.numel / (median[BOUND] * 1e-3) / 1e9,
+        "bound_ms": bound_ms,
+        "results": results,
+    }
+
+
+def fresh_process_first_step_ms() -> dict[str, float]:
+    """In a new Python process: importing numba, and the first fused step (numba import + kernel load)."""
+    script = (
+        "import time, torch\n"
+        "from rmsprop import RMSprop\n"
+        "p = torch.nn.Parameter(torch.ones(1000)); p.grad = torch.ones(1000)\n"
+        "opt = RMSprop([p], fused=True)\n"
+        "start = time.perf_counter(); opt.step(); first = time.perf_counter() - start\n"
+        "start = time.perf_counter(); opt.step(); second = time.perf_counter() - start\n"
+        "print(first * 1e3, second * 1e3)\n"
+    )
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    first, second = (float(value) for value in output.split())
+    return {"first_step_ms": first, "second_step_ms": second}
+
+
+def run_benchmark(
+    quick: bool = False,
+    repeats: int | None = None,
+    compile_torch: bool | None = None,
+    case_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Every case, one after the other, in this process; a dict ready for JSON."""
+    repeats = repeats or (3 if quick else 15)
+    compile_torch = (not quick) if compile_torch is None else compile_torch
+    chosen = [case for case in cases(quick) if not case_names or case.name in case_names]
+    results = []
+    for case in chosen:
+        start = time.perf_counter()
+        results.append(run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch))
+        print(f"bench: {case.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    import numba
+
+    return {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "numba_threads": numba.get_num_threads(),
+            "numba_threading_layer": numba.threading_layer(),
+            "quick": quick,
+        },
+        "fresh_process": fresh_process_first_step_ms(),
+        "cases": results,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report as markdown: one table row per (case, implementation)."""
+    machine = report["machine"]
+    fresh = report["fresh_process"]
+    lines = [
+        f"torch {machine['torch']}, numba {machine['numba']} ({machine['numba_threading_layer']} layer), "
+        f"{machine['torch_threads']} torch threads, {machine['numba_threads']} numba threads. "
+        f"Fused first step in a fresh process (numba import + cached kernels): {fresh['first_step_ms']:.0f} ms.",
+        "",
+        "| case | implementation | median ms/step | × faster than torch for-loop | × faster than torch foreach "
+        "| × the memory bound | first call ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for case in report["cases"]:
+        label = (
+            f"{case['case']} ({case['parameters'] / 1e6:.1f}M params, {case['tensors']} tensors; "
+            f"bound {case['bound_ms']:.2f} ms at {case['bandwidth_gb_per_s']:.0f} GB/s)"
+        )
+        for result in case["results"]:
+            lines.append(
+                f"| {label} | {result['implementation']} | {result['median_ms']:.2f} "
+                f"| {result['speedup_vs_torch_for_loop']:.2f} | {result['speedup_vs_torch_foreach']:.2f} "
+                f"| {result['times_bound']:.2f} | {result['first_call_ms']:.0f} |"
+            )
+            label = ""
+    return "\n".join(lines)
+
+
+def main(quick: bool, json_path: Path | None, repeats: int | None, compile_torch: bool | None, case_names: list[str] | None) -> int:
+    report = run_benchmark(quick=quick, repeats=repeats, compile_torch=compile_torch, case_names=case_names)
+    print(markdown_table(report))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwritten: {json_path}")
+    return 0

@@ -1,0 +1,53 @@
+"""``rmsprop bench --quick`` end to end: the table and the JSON have their shape (never timings)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from rmsprop.bench import Case, cases, transformer_shapes
+from rmsprop.cli import main
+
+IMPLEMENTATIONS = ["torch for-loop", "torch foreach", "rmsprop for-loop", "rmsprop foreach", "rmsprop fused"]
+
+
+def test_quick_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(path)]) == 0
+
+    report = json.loads(path.read_text())
+    assert report["machine"]["quick"] is True
+    assert report["fresh_process"]["first_step_ms"] > 0
+    assert [case["case"] for case in report["cases"]] == [case.name for case in cases(quick=True)]
+    for case in report["cases"]:
+        assert case["bound_ms"] > 0 and case["bandwidth_gb_per_s"] > 0
+        assert [result["implementation"] for result in case["results"]] == IMPLEMENTATIONS
+        for result in case["results"]:
+            assert result["steps_timed"] == 3
+            assert result["median_ms"] > 0 and result["first_call_ms"] > 0
+            assert result["times_bound"] == result["median_ms"] / case["bound_ms"]
+        by_name = {result["implementation"]: result for result in case["results"]}
+        assert by_name["torch for-loop"]["speedup_vs_torch_for_loop"] == 1.0
+        assert by_name["torch foreach"]["speedup_vs_torch_foreach"] == 1.0
+
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| case | implementation | median ms/step")
+    assert len(rows) == 1 + len(IMPLEMENTATIONS) * len(report["cases"])
+    assert f"written: {path}" in table
+
+
+def test_bench_cases_count_the_bytes_a_one_pass_step_moves():
+    plain = Case("plain", [(10,), (2, 5)])
+    both = Case("both", [(10,)], {"momentum": 0.9, "centered": True})
+    assert plain.numel == 20 and plain.bytes_per_step == 20 * 20
+    assert both.bytes_per_step == (20 + 8 + 8) * 10
+
+
+def test_transformer_case_matches_the_issue():
+    """~25M parameters in ~200 tensors, as in the issue's measurements."""
+    shapes = transformer_shapes(24, 288, 8192)
+    numel = sum(math.prod(shape) for shape in shapes)
+    assert 190 <= len(shapes) <= 210
+    assert 24e6 <= numel <= 28e6
+

@@ -1,0 +1,424 @@
+"""The fused CPU path (rmsprop.fused) against the for-loop path and the NumPy reference.
+
+Tolerances, after four steps:
+
+* float32: ``rtol=1e-5, atol=1e-6``. Both paths compute in float32 and round
+  in a different order (the fused kernel keeps ``denom`` in a register, torch
+  uses fused multiply-adds in its vector loops): a few ulps (2**-24) per
+  operation, well below the 1e-2 changes that a wrong flag makes here.
+* float64 against the float64 NumPy reference: ``rtol=1e-12, atol=1e-14``.
+* bfloat16 / float16: the kernel computes in float32 and rounds each stored
+  value once per step, so the baseline is the for-loop path on float32 copies
+  whose values are rounded to the low precision after every step. Results
+  agree within two ulps of the storage type (``rtol`` 2**-6 and 2**-9) plus
+  one ulp at the largest magnitude in the tensor (``atol``): a different
+  float32 rounding can tip a low-precision rounding the other way, the next
+  steps carry that ulp on, and sums such as ``mu*b + u`` round at the scale
+  of their largest terms. The conversions themselves are tested exactly.
+
+The hyperparameters make every flag matter: eps=0.1 so that its placement
+changes the step, lr changes between steps so that ``lr_in_momentum`` does.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from rmsprop import RMSprop, reference
+from rmsprop.fused import unsupported_reason
+
+SHAPES = [(3, 5), (7,), (2, 3, 4), (), (0,), (300,)]
+# A tensor over two of the kernel's chunks (rmsprop._numba_kernels.CHUNK elements),
+# in a few tests only: chunking does not depend on the flags.
+LARGE_SHAPES = [(70_001,), (5,)]
+LRS = [0.05, 0.02, 0.08, 0.03]  # one per step
+FLAG_NAMES = (
+    "centered",
+    "maximize",
+    "eps_in_sqrt",
+    "bias_correction",
+    "weight_decay",
+    "decoupled_weight_decay",
+    "momentum",
+    "nesterov",
+    "lr_in_momentum",
+)
+
+
+def _flag_combinations() -> list[dict]:
+    combinations = []
+    weight_decays = [(0.0, False), (0.2, False), (0.2, True)]
+    momenta = [(0.0, False), (0.8, False), (0.8, True)]
+    for centered, maximize, eps_in_sqrt, bias_correction, (wd, decoupled), (mu, nesterov), lr_in_momentum in (
+        itertools.product([False, True], [False, True], [False, True], [False, True], weight_decays, momenta, [False, True])
+    ):
+        combinations.append(dict(zip(FLAG_NAMES, (centered, maximize, eps_in_sqrt, bias_correction, wd, decoupled, mu, nesterov, lr_in_momentum), strict=True)))
+    return combinations
+
+
+FLAG_COMBINATIONS = _flag_combinations()
+
+
+def _combination_id(flags: dict) -> str:
+    return "-".join(f"{name}={value}" for name, value in flags.items() if value)
+
+
+def _settings(flags: dict) -> dict:
+    # Centered with bias correction has v_hat - m_hat^2 = 0 exactly at the first
+    # step from v = 0, where rounding alone decides the update; starting from
+    # v = 1 keeps the variance away from zero.
+    return {"alpha": 0.9, "eps": 0.1, "initial_scale": 1.0 if flags["centered"] else 0.0, **flags}
+
+
+def _params(dtype: torch.dtype, shapes: list[tuple] = SHAPES, seed: int = 0) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)) for shape in shapes]
+
+
+def _gradients(params: list[torch.Tensor], steps: int, seed: int = 1) -> list[list[torch.Tensor | None]]:
+    """Per step, one gradient per parameter; the second parameter skips step 2, so steps differ."""
+    generator = torch.Generator().manual_seed(seed)
+    gradients = []
+    for step in range(steps):
+        gradients.append(
+            [
+                None if (step == 1 and i == 1) else torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                for i, p in enumerate(params)
+            ]
+        )
+    return gradients
+
+
+def _run(optimizer: RMSprop, params: list[torch.Tensor], gradients: list, dtype: torch.dtype, after_step=None) -> None:
+    for lr, step_gradients in zip(LRS, gradients, strict=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for p, g in zip(params, step_gradients, strict=True):
+            p.grad = None if g is None else g.to(dtype)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+
+
+def _state_tensors(optimizer: RMSprop, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    tensors = []
+    for p in params:
+        state = optimizer.state[p]
+        tensors.append(p.detach())
+        tensors += [state[key] for key in ("step", "square_avg", "grad_avg", "momentum_buffer") if key in state]
+    return tensors
+
+
+def _fused_and_loop(
+    flags: dict, dtype: torch.dtype, loop_dtype: torch.dtype, round_each_step: bool = False, shapes: list[tuple] = SHAPES
+):
+    """(fused tensors, for-loop tensors) after len(LRS) steps from the same start."""
+    settings = _settings(flags)
+    fused_params, loop_params = _params(dtype, shapes), _params(dtype, shapes)
+    loop_params = [torch.nn.Parameter(p.detach().to(loop_dtype)) for p in loop_params]
+    # Both paths see the same gradients: those the low-precision parameters get.
+    gradients = [[g if g is None else g.to(dtype).double() for g in step] for step in _gradients(fused_params, len(LRS))]
+    fused = RMSprop(fused_params, fused=True, **settings)
+    loop = RMSprop(loop_params, foreach=False, fused=False, **settings)
+    _run(fused, fused_params, gradients, dtype)
+
+    def round_to_storage() -> None:
+        for tensor in _state_tensors(loop, loop_params):
+            tensor.copy_(tensor.to(dtype))
+
+    _run(loop, loop_params, gradients, loop_dtype, round_to_storage if round_each_step else None)
+    return _state_tensors(fused, fused_params), _state_tensors(loop, loop_params)
+
+
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+def test_fused_float32_equals_for_loop_for_every_flag_combination(flags):
+    fused, loop = _fused_and_loop(flags, torch.float32, torch.float32)
+    assert len(fused) == len(loop)
+    for actual, expected in zip(fused, loop, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 2**-6), (torch.float16, 2**-9)], ids=str)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+def test_fused_low_precision_equals_float32_for_loop_rounded_each_step(flags, dtype, rtol):
+    _check_low_precision(_fused_and_loop(flags, dtype, torch.float32, round_each_step=True), dtype, rtol)
+
+
+def _check_low_precision(results, dtype, rtol):
+    fused, loop = results
+    for actual, expected in zip(fused, loop, strict=True):
+        if actual.dtype != dtype:  # the float32 step counters
+            torch.testing.assert_close(actual, expected)
+            continue
+        # Sums like mu*b + u round at the scale of their largest terms.
+        atol = torch.finfo(dtype).eps * expected.abs().max().item() if expected.numel() else 0.0
+        torch.testing.assert_close(actual.float(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("flags", [FLAG_COMBINATIONS[0], FLAG_COMBINATIONS[-1]], ids=_combination_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_fused_equals_for_loop_on_tensors_over_several_chunks(flags, dtype):
+    if dtype in (torch.float32, torch.float64):
+        fused, loop = _fused_and_loop(flags, dtype, dtype, shapes=LARGE_SHAPES)
+        for actual, expected in zip(fused, loop, strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    else:
+        rtol = 2**-6 if dtype == torch.bfloat16 else 2**-9
+        _check_low_precision(_fused_and_loop(flags, dtype, torch.float32, True, LARGE_SHAPES), dtype, rtol)
+
+
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+def test_fused_float64_equals_numpy_reference(flags):
+    settings = _settings(flags)
+    params = _params(torch.float64)
+    gradients = _gradients(params, len(LRS))
+    optimizer = RMSprop(params, fused=True, **settings)
+    _run(optimizer, params, gradients, torch.float64)
+
+    reference_settings = {k: v for k, v in settings.items() if k != "initial_scale"}
+    for i, start in enumerate(_params(torch.float64)):
+        value = start.detach().numpy()
+        state = reference.init_state(value, settings["initial_scale"])
+        for lr, step_gradients in zip(LRS, gradients, strict=True):
+            if step_gradients[i] is not None:
+                value, state = reference.step(value, step_gradients[i].numpy(), state, lr=lr, **reference_settings)
+        p_state = optimizer.state[params[i]]
+        np.testing.assert_allclose(params[i].detach().numpy(), value, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(p_state["square_avg"].numpy(), state.square_avg, rtol=1e-12, atol=1e-14)
+        assert p_state["step"].item() == state.step
+        if flags["centered"]:
+            np.testing.assert_allclose(p_state["grad_avg"].numpy(), state.grad_avg, rtol=1e-12, atol=1e-14)
+        if flags["momentum"]:
+            np.testing.assert_allclose(p_state["momentum_buffer"].numpy(), state.momentum_buffer, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize(
+    "flags",
+    [FLAG_COMBINATIONS[0], FLAG_COMBINATIONS[-1], {**FLAG_COMBINATIONS[0], "centered": True, "weight_decay": 0.2}],
+    ids=_combination_id,
+)
+def test_fused_complex_equals_for_loop(flags, dtype):
+    settings = _settings(flags)
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, dtype=dtype, generator=generator) for shape in [(4, 3), (70_001,)]]
+    fused_params = [torch.nn.Parameter(p.clone()) for p in start]
+    loop_params = [torch.nn.Parameter(p.clone()) for p in start]
+    fused = RMSprop(fused_params, fused=True, **settings)
+    loop = RMSprop(loop_params, fused=False, foreach=False, **settings)
+    for lr in LRS:
+        for optimizer, params in ((fused, fused_params), (loop, loop_params)):
+            optimizer.param_groups[0]["lr"] = lr
+            for p in params:
+                p.grad = torch.ones_like(p) * (1 + 2j) + lr
+            optimizer.step()
+    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_takes_a_tensor_lr_like_a_float():
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 10)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    with_tensor = RMSprop(params, lr=torch.tensor(0.05), fused=True, momentum=0.5)
+    with_float = RMSprop(twins, lr=0.05, fused=False, foreach=False, momentum=0.5)
+    for _ in range(3):
+        for p in params + twins:
+            p.grad = torch.cos(p.detach() * 3)
+        with_tensor.step()
+        with_float.step()
+    for actual, expected in zip(params, twins, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_bumps_the_version_of_updated_parameters():
+    """Autograd must see the in-place update, as it does for torch's own in-place ops."""
+    param = torch.nn.Parameter(torch.ones(3))
+    loss = (param * param).sum()  # saves param for backward
+    param.grad = torch.ones(3)
+    RMSprop([param], fused=True).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def _uses_fused(monkeypatch, optimizer: RMSprop) -> bool:
+    """Whether ``optimizer.step()`` runs the fused kernel."""
+    calls = []
+    import rmsprop.fused
+
+    original = rmsprop.fused.fused_rmsprop
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rmsprop.fused, "fused_rmsprop", spy)
+    optimizer.step()
+    monkeypatch.undo()
+    return bool(calls)
+
+
+def _with_grad(tensor: torch.Tensor) -> torch.nn.Parameter:
+    # Not requiring grad, so that differentiable=True may update it in place.
+    param = torch.nn.Parameter(tensor, requires_grad=False)
+    param.grad = torch.ones_like(tensor)
+    return param
+
+
+def test_fused_none_takes_the_fused_path_on_plain_cpu_tensors(monkeypatch):
+    assert _uses_fused(monkeypatch, RMSprop([_with_grad(torch.ones(4))]))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "settings"),
+    [
+        (torch.ones(4, 4).t(), {}),  # not contiguous
+        (torch.ones(4, dtype=torch.complex32), {}),
+        (torch.ones(4), {"differentiable": True}),
+        (torch.ones(4), {"foreach": False}),  # an explicit foreach choice is kept
+        (torch.ones(4), {"foreach": True}),
+    ],
+    ids=["non-contiguous", "complex32", "differentiable", "foreach-false", "foreach-true"],
+)
+def test_fused_none_falls_back_where_the_kernel_does_not_apply(monkeypatch, tensor, settings):
+    param = _with_grad(tensor)
+    twin = _with_grad(tensor.clone())
+    optimizer = RMSprop([param], **settings)
+    assert not _uses_fused(monkeypatch, optimizer)
+    RMSprop([twin], fused=False, foreach=False).step()
+    torch.testing.assert_close(param, twin, equal_nan=True)  # torch gives complex32 NaN here
+
+
+def test_fused_none_falls_back_for_a_non_contiguous_gradient(monkeypatch):
+    param = torch.nn.Parameter(torch.ones(4, 4))
+    param.grad = torch.ones(4, 4).t()
+    assert not _uses_fused(monkeypatch, RMSprop([param]))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"foreach": True}, "fused=True and foreach=True cannot both be set"),
+        ({"differentiable": True}, "does not support differentiable=True"),
+        ({"capturable": True}, "does not support capturable=True"),
+    ],
+)
+def test_fused_true_refuses_settings_it_cannot_honour(settings, message):
+    with pytest.raises(ValueError, match=f"Invalid fused: True .*{message}"):
+        RMSprop([torch.nn.Parameter(torch.ones(2))], fused=True, **settings)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (torch.ones(4, 4).t(), "parameter 0 is not contiguous"),
+        (torch.ones(4, dtype=torch.int32).float().to(torch.complex32), "dtype torch.complex32"),
+    ],
+)
+def test_fused_true_refuses_parameters_it_cannot_update(tensor, message):
+    with pytest.raises(ValueError, match=f"Invalid fused: True .*{message}"):
+        RMSprop([torch.nn.Parameter(tensor)], fused=True)
+
+
+def test_fused_true_refuses_a_failed_param_group_without_adding_it():
+    optimizer = RMSprop([torch.nn.Parameter(torch.ones(2))], fused=True)
+    with pytest.raises(ValueError, match="not contiguous"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 3).t())]})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_fused_true_refuses_a_step_it_cannot_take():
+    param = torch.nn.Parameter(torch.ones(4, 4))
+    param.grad = torch.ones(4, 4).t()
+    optimizer = RMSprop([param], fused=True)
+    with pytest.raises(RuntimeError, match="fused=True cannot take this step: the gradient of parameter 0 is not contiguous"):
+        optimizer.step()
+    assert torch.equal(param, torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("value", [1, "yes", 0.0])
+def test_fused_must_be_none_or_a_bool(value):
+    with pytest.raises(ValueError, match="Invalid fused: .*fused must be None, True or False"):
+        RMSprop([torch.nn.Parameter(torch.ones(2))], fused=value)
+
+
+def test_unsupported_reason_names_the_offending_tensor():
+    params = [torch.ones(3), torch.ones(3, dtype=torch.float64)]
+    grads = [torch.ones(3), torch.ones(3)]  # the second has the wrong dtype
+    square_avgs = [torch.zeros(3), torch.zeros(3, dtype=torch.float64)]
+    steps = [torch.zeros(()), torch.zeros(())]
+    reason = unsupported_reason(params, grads, square_avgs, [], [], steps, differentiable=False, capturable=False)
+    assert reason == "the gradient of parameter 1 is torch.float32, the parameter torch.float64"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_state_is_the_float32_result_rounded_to_nearest_even(dtype):
+    """Exact: the kernel widens to float32 and rounds back once, as torch's ``.to(dtype)`` does.
+
+    With alpha = 0.5, ``v = 0.5*v + 0.5*g*g`` is one float32 sum that often
+    falls halfway between two low-precision numbers (ties go to even); NaN,
+    inf and subnormals of the storage type are in the mix.
+    """
+    generator = torch.Generator().manual_seed(0)
+    grad = (torch.randn(20_000, generator=generator) * torch.logspace(-6, 3, 20_000)).to(dtype)
+    square_avg = torch.rand(20_000, generator=generator).to(dtype)
+    grad[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), torch.finfo(dtype).tiny / 4])
+    param = torch.nn.Parameter(torch.randn(20_000, generator=generator).to(dtype), requires_grad=False)
+    start = param.detach().clone()
+    param.grad = grad
+    optimizer = RMSprop([param], lr=0.0, alpha=0.5, fused=True)
+    optimizer.state[param].update(step=torch.zeros(()), square_avg=square_avg.clone())
+    optimizer.step()
+
+    g = grad.float()
+    expected = (torch.tensor(0.5) * square_avg.float() + torch.tensor(0.5) * (g * g)).to(dtype)
+    actual = optimizer.state[param]["square_avg"]
+    assert torch.equal(actual.isnan(), expected.isnan())
+    assert torch.equal(actual[~actual.isnan()], expected[~expected.isnan()])
+    assert torch.equal(param[4:], start[4:])  # lr = 0 leaves finite-gradient parameters exactly as they were
+
+
+def test_fused_takes_parameters_of_several_dtypes_in_one_group():
+    """One kernel call per dtype; each parameter ends as the for-loop path leaves it."""
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.complex64, torch.float64]
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=generator, dtype=torch.float64).to(dtype) for dtype in dtypes]
+    fused_params = [torch.nn.Parameter(p.clone()) for p in start]
+    loop_params = [torch.nn.Parameter(p.clone()) for p in start]
+    settings = {"momentum": 0.8, "centered": True, "eps": 0.1, "alpha": 0.9, "initial_scale": 1.0}
+    fused = RMSprop(fused_params, fused=True, **settings)
+    loop = RMSprop(loop_params, fused=False, foreach=False, **settings)
+    for step in range(3):
+        for p, q in zip(fused_params, loop_params, strict=True):
+            p.grad = torch.full_like(p, 0.5 + step)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_takes_float64_step_counters():
+    """With float64 as torch's default dtype, the 'step' tensors are float64."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        fused, loop = _fused_and_loop(FLAG_COMBINATIONS[-1], torch.float32, torch.float32)
+    finally:
+        torch.set_default_dtype(previous)
+    assert fused[1].dtype == torch.float64
+    for actual, expected in zip(fused, loop, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_leaves_tensors_off_the_cpu_to_the_other_paths():
+    """The meta device stands in for CUDA, which CI does not have."""
+    param = torch.nn.Parameter(torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="Invalid fused: True .*parameter 0 is on meta; the fused path runs on CPU tensors"):
+        RMSprop([param], fused=True)
+    tensors = [[torch.ones(3, device="meta")] for _ in range(3)]
+    reason = unsupported_reason(*tensors, [], [], [torch.zeros(())], differentiable=False, capturable=False)
+    assert reason == "parameter 0 is on meta; the fused path runs on CPU tensors"

@@ -45,10 +45,15 @@ def _graph_breaks(optimizer_class, flags: dict) -> tuple[int, int]:
     return explanation.graph_count, explanation.graph_break_count
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+# The default (fused=None, foreach=None) and fused=True take the numba kernel
+# eagerly; torch.compile traces the torch ops instead, which it fuses itself.
+PATHS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "default": {}, "fused": {"fused": True}}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("flags", [*FLAG_COMBOS, ILL_CONDITIONED], ids=str)
-def test_step_compiles_to_one_graph_like_torch(flags, foreach):
-    flags = {**flags, "foreach": foreach}
+def test_step_compiles_to_one_graph_like_torch(flags, path):
+    flags = {**flags, **PATHS[path]}
     torch_flags = {key: value for key, value in flags.items() if key in TORCH_KEYS}
     assert _graph_breaks(torch.optim.RMSprop, torch_flags) == (1, 0)
     assert _graph_breaks(RMSprop, flags) == (1, 0)
@@ -82,10 +87,10 @@ def _assert_close(compiled: list[torch.Tensor], eager: list[torch.Tensor]) -> No
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("flags", FLAG_COMBOS, ids=str)
-def test_compiled_step_equals_eager(flags, foreach):
-    flags = {**flags, "foreach": foreach}
+def test_compiled_step_equals_eager(flags, path):
+    flags = {**flags, **PATHS[path]}
     _assert_close(_train(flags, compiled=True), _train(flags, compiled=False))
 
 

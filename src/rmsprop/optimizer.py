@@ -103,7 +103,9 @@ class RMSprop(Optimizer):
             paths, equal to them within rounding of the compute type. ``None``
             takes it where it supports the tensors (dense contiguous CPU
             tensors of float or complex dtype) and ``foreach`` is ``None``;
-            ``True`` requires it (default: None).
+            ``True`` requires it (default: None). Under ``torch.compile`` the
+            step is traced through the torch ops instead, which the compiler
+            fuses itself.
 
     Non-finite gradients are not filtered: like ``torch.optim``, NaN and inf
     propagate into the parameters. ``torch.amp.GradScaler`` is the tool that
@@ -416,6 +418,9 @@ def _check_fused_params(params: list[Tensor]) -> None:
 def _use_fused(group: dict[str, Any], tensors: tuple[list[Tensor], ...]) -> bool:
     """``fused=None`` means: the fused kernel where it supports the tensors, unless foreach is set."""
     if group["fused"] is False or (group["fused"] is None and group["foreach"] is not None) or not tensors[0]:
+        return False
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace into numba; it fuses the traced torch ops itself.
         return False
     reason = unsupported_reason(*tensors, differentiable=group["differentiable"], capturable=group["capturable"])
     if reason is not None and group["fused"]:

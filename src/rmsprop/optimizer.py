@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -255,16 +255,16 @@ class RMSprop(Optimizer):
                     raise ValueError(f"{where}: {problem}")
                 low_precision.check_encoded_entries(p_state, p, where)
 
-    def _check_state_fits_params(self) -> None:
-        """Raise ``ValueError`` where a param no longer fits its state, e.g. after ``model.half()``.
+    def _check_state_fits_params(self, group_indices: Iterable[int]) -> None:
+        """Raise ``ValueError`` where a param of these full-precision groups no longer fits its
+        state, e.g. after ``model.half()``.
 
         Each step compares only ``square_avg`` (and that ``step`` is a tensor), to
         stay cheap: the other buffers are created and loaded along with it, so a
         param changed since then has left them all behind.
         """
-        for group_index, group in enumerate(self.param_groups):
-            if group["state_precision"] != "full":
-                continue  # decoding checks low-precision state
+        for group_index in group_indices:
+            group = self.param_groups[group_index]
             for param_index, p in enumerate(group["params"]):
                 p_state = self.state.get(p) if p.grad is not None else None
                 if not p_state or (_fits(p, p_state.get("square_avg")) and isinstance(p_state.get("step"), Tensor)):
@@ -353,15 +353,23 @@ class RMSprop(Optimizer):
             for group_index, group in enumerate(self.param_groups):
                 if group["state_precision"] == "full":
                     self._convert_state(group_index)
-        if not torch.compiler.is_compiling():
-            self._check_state_fits_params()
+        # Every group is gathered and checked before any is stepped.
+        prepared: list[tuple[int, tuple[list[Tensor], ...] | None, bool]] = []
         for group_index, group in enumerate(self.param_groups):
             if group["state_precision"] != "full":
-                self._step_low_precision(group_index)
+                prepared.append((group_index, None, False))
                 continue
             tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *tensors)
-            fused = _use_fused(group, tensors)
+            prepared.append((group_index, tensors, _use_fused(group, tensors)))
+        if not torch.compiler.is_compiling():
+            # The fused path has checked its tensors already: it runs only where they fit.
+            self._check_state_fits_params(index for index, tensors, fused in prepared if tensors and not fused)
+        for group_index, tensors, fused in prepared:
+            group = self.param_groups[group_index]
+            if tensors is None:
+                self._step_low_precision(group_index)
+                continue
             rmsprop(
                 *tensors,
                 Hyperparameters.from_group(group),

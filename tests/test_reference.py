@@ -174,6 +174,8 @@ def test_float32_optimizer_equals_reference_to_fp32_tolerance(config, steps, see
     # In fp32 the step-1 cancellation of _tolerance leaves sqrt(s) ~ 1e-4: no eps hides it.
     assume(not (config["centered"] and config["bias_correction"]))
     ours, expected = _run_both(config, (16,), steps, seed, torch.float32, foreach)
+    # E.g. alpha = 1 with v = 0 divides by eps alone: float64 reaches 1e40, float32 overflows.
+    assume(np.all(np.abs(expected) < 1e30))
     # Each step moves p by at most ~lr/sqrt(1-alpha) per unit; fp32 rounding of that
     # accumulates over the steps, so the bound scales with it.
     scale = 1 + np.abs(expected).max()

@@ -140,7 +140,7 @@ def _single_tensor_rmsprop(
 ) -> None:
     # Like torch.optim's for-loop path, this one reads a Tensor lr as a number
     # (except under torch.compile); the foreach path keeps it on the device under capture.
-    lr = hp.lr if torch.compiler.is_compiling() else float(hp.lr)
+    lr = _lr_as_number(hp.lr, capturable=False)
     for i, param in enumerate(params):
         grad = grads[i]
         square_avg = square_avgs[i]

@@ -222,11 +222,14 @@ class RMSprop(Optimizer):
     def _all_params(self) -> Iterator[Tensor]:
         return itertools.chain.from_iterable(group["params"] for group in self.param_groups)
 
+    def _first_param_index(self, group_index: int) -> int:
+        """The position of a group's first param among all params: what seeds its state's rounding noise."""
+        return sum(len(g["params"]) for g in self.param_groups[:group_index])
+
     def _convert_state(self, group_index: int, *, skip_params_with_grads: bool = False) -> None:
         """Store the state of a group's params in its ``state_precision``, if it is in another."""
         group = self.param_groups[group_index]
-        first = sum(len(g["params"]) for g in self.param_groups[:group_index])
-        for index, p in enumerate(group["params"], start=first):
+        for index, p in enumerate(group["params"], start=self._first_param_index(group_index)):
             if self.state.get(p) and not (skip_params_with_grads and p.grad is not None):
                 fmt = low_precision.target_format(p, group["state_precision"], group["min_8bit_size"])
                 weight = low_precision.mean_weight(group, self.state[p])
@@ -389,8 +392,8 @@ class RMSprop(Optimizer):
         group = self.param_groups[group_index]
         # The step itself decodes any stored form and encodes the group's: one rounding, not two.
         self._convert_state(group_index, skip_params_with_grads=True)
-        first = sum(len(g["params"]) for g in self.param_groups[:group_index])
-        indexed = [(index, p) for index, p in enumerate(group["params"], start=first) if p.grad is not None]
+        start = self._first_param_index(group_index)
+        indexed = [(index, p) for index, p in enumerate(group["params"], start=start) if p.grad is not None]
         params = [p for _, p in indexed]
         low_precision.step_encoded(
             params,

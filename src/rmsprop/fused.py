@@ -29,6 +29,7 @@ import importlib.util
 from functools import cache
 from operator import attrgetter
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,7 +37,16 @@ from torch import Tensor
 
 from rmsprop.functional import Hyperparameters
 
-__all__ = ["fused_rmsprop", "kernel_scalars", "numba_available", "unsupported_dtype_or_layout", "unsupported_reason"]
+__all__ = [
+    "KernelCall",
+    "fused_rmsprop",
+    "kernel_calls",
+    "kernel_scalars",
+    "launch",
+    "numba_available",
+    "unsupported_dtype_or_layout",
+    "unsupported_reason",
+]
 
 # Tensor dtype -> (array type the kernel sees, type elements are computed in).
 # bfloat16 and float16 travel as 16-bit integers (see rmsprop._numba_kernels).
@@ -155,6 +165,68 @@ def _first_unsupported(params: list[Tensor], buffers: dict[str, list[Tensor]], s
     return None
 
 
+class KernelCall(NamedTuple):
+    """One kernel launch: the tensors of one (parameter dtype, step dtype) pair, as addresses.
+
+    Everything but the gradients' addresses, so that a group whose tensors
+    have not changed can launch again with new gradients (see
+    :mod:`rmsprop.fused_cache`).
+    """
+
+    positions: list[int] | None  # of the step's tensors; None: all of them
+    storage: type  # numpy type the kernel sees the elements as
+    compute: type  # numpy type the rule is computed in
+    step_type: type  # numpy type of the 'step' tensors
+    sizes: np.ndarray  # elements per tensor (complex: twice the numel)
+    params: np.ndarray
+    square_avgs: np.ndarray
+    grad_avgs: np.ndarray | None
+    momentum_buffers: np.ndarray | None
+    steps: np.ndarray
+
+
+def kernel_calls(
+    params: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+) -> list[KernelCall]:
+    """The kernel launches that step these tensors: one per dtype pair.
+
+    ``grad_avgs`` and ``momentum_buffers`` are empty where the rule does not
+    use them. The inputs must pass :func:`unsupported_reason`.
+    """
+    calls = []
+    for (dtype, step_dtype), positions in _split_by_dtype(params, state_steps):
+
+        def addresses(tensors: list[Tensor]) -> np.ndarray | None:
+            if not tensors:
+                return None
+            chosen = tensors if positions is None else [tensors[i] for i in positions]
+            return np.fromiter(map(Tensor.data_ptr, chosen), np.int64, len(chosen))
+
+        chosen_params = params if positions is None else [params[i] for i in positions]
+        # Complex tensors are updated as pairs of reals, like the for-loop path.
+        sizes = np.fromiter(map(Tensor.numel, chosen_params), np.int64, len(chosen_params))
+        storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
+        calls.append(
+            KernelCall(
+                positions,
+                storage,
+                compute,
+                _STEP_TYPES[step_dtype],
+                sizes * (2 if dtype.is_complex else 1),
+                addresses(params),
+                addresses(square_avgs),
+                addresses(grad_avgs),
+                addresses(momentum_buffers),
+                addresses(state_steps),
+            )
+        )
+    return calls
+
+
 def fused_rmsprop(
     params: list[Tensor],
     grads: list[Tensor],
@@ -169,32 +241,31 @@ def fused_rmsprop(
     Same contract as :func:`rmsprop.functional.rmsprop`; the inputs must pass
     :func:`unsupported_reason`.
     """
-    if not params:
-        return
+    if params:
+        calls = kernel_calls(
+            params, square_avgs, grad_avgs if hp.centered else [], momentum_buffers if hp.momentum > 0 else [], state_steps
+        )
+        launch(calls, params, grads, hp)
+
+
+def launch(calls: list[KernelCall], params: list[Tensor], grads: list[Tensor], hp: Hyperparameters) -> None:
+    """Run ``calls`` (from :func:`kernel_calls` on ``params`` and their state) with these gradients."""
     kernels = _kernels()
     _match_torch_threads()
     lr = float(hp.lr)
-    for (dtype, step_dtype), indices in _split_by_dtype(params, state_steps):
-
-        def addresses(tensors: list[Tensor]) -> np.ndarray:
-            chosen = tensors if indices is None else [tensors[i] for i in indices]
-            return np.array(list(map(Tensor.data_ptr, chosen)), np.int64)
-
-        # Complex tensors are updated as pairs of reals, like the for-loop path.
-        chosen_params = params if indices is None else [params[i] for i in indices]
-        sizes = np.array(list(map(Tensor.numel, chosen_params)), np.int64) * (2 if dtype.is_complex else 1)
-        storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
+    for call in calls:
+        chosen = grads if call.positions is None else [grads[i] for i in call.positions]
         kernels.rmsprop_step(
-            addresses(params),
-            addresses(grads),
-            addresses(square_avgs),
-            addresses(grad_avgs) if hp.centered else None,
-            addresses(momentum_buffers) if hp.momentum > 0 else None,
-            sizes,
-            addresses(state_steps),
-            np.empty(0, storage),
-            np.empty(0, _STEP_TYPES[step_dtype]),
-            kernel_scalars(hp, lr, compute),
+            call.params,
+            np.fromiter(map(Tensor.data_ptr, chosen), np.int64, len(chosen)),
+            call.square_avgs,
+            call.grad_avgs,
+            call.momentum_buffers,
+            call.sizes,
+            call.steps,
+            np.empty(0, call.storage),
+            np.empty(0, call.step_type),
+            kernel_scalars(hp, lr, call.compute),
             float(hp.alpha),
             hp.weight_decay != 0 and not hp.decoupled_weight_decay,
             hp.bias_correction,

@@ -19,7 +19,8 @@ from torch.optim.optimizer import (
 
 from rmsprop import state_precision as low_precision
 from rmsprop.functional import Hyperparameters, rmsprop
-from rmsprop.fused import numba_available, unsupported_dtype_or_layout, unsupported_reason
+from rmsprop.fused import launch, numba_available, unsupported_dtype_or_layout, unsupported_reason
+from rmsprop.fused_cache import FusedGroupCache
 from rmsprop.presets import preset_settings
 from rmsprop.validation import check_settings
 
@@ -159,6 +160,7 @@ class RMSprop(Optimizer):
         }
         check_settings(defaults)
         super().__init__(params, defaults)
+        self._fused_caches: dict[int, FusedGroupCache] = {}
         self._note_state_precisions()
 
     @classmethod
@@ -179,6 +181,8 @@ class RMSprop(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Not pickled or copied with the optimizer: they hold its tensors' addresses.
+        self._fused_caches = {}
         # A state dict from torch.optim.RMSprop or an older version lacks our flags.
         for group in self.param_groups:
             for name, value in _FACTORY_DEFAULTS.items():
@@ -323,8 +327,24 @@ class RMSprop(Optimizer):
                 grad_avgs.append(state["grad_avg"])
         return has_complex
 
-    def _check_no_sparse_grads(self) -> None:
+    def _cached_fused_gradients(self) -> dict[int, list[Tensor]]:
+        """The gradients of the groups whose fused step can reuse the tensors it gathered last time."""
+        found: dict[int, list[Tensor]] = {}
+        # Low-precision groups may have their state converted before the step; the cache would miss that.
+        if torch.compiler.is_compiling() or getattr(self, "_low_precision_used", True):
+            return found
+        for group_index, cache in self._fused_caches.items():
+            if group_index < len(self.param_groups):
+                grads = cache.gradients(self.param_groups[group_index], self.state)
+                if grads is not None:
+                    found[group_index] = grads
+        return found
+
+    def _check_no_sparse_grads(self, skip: Iterable[int] = ()) -> None:
+        skip = set(skip)
         for group_index, group in enumerate(self.param_groups):
+            if group_index in skip:
+                continue
             for param_index, p in enumerate(group["params"]):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
@@ -346,11 +366,12 @@ class RMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        cached_gradients = self._cached_fused_gradients()
         # Checked for every group first, so that a refused step changes nothing.
         # torch.compile skips them: tracing these loops would slow compilation,
         # and its guards already recompile when a param's shape or dtype changes.
         if not torch.compiler.is_compiling():
-            self._check_no_sparse_grads()
+            self._check_no_sparse_grads(skip=cached_gradients.keys())
         # Unknown after unpickling, hence True by default.
         if getattr(self, "_low_precision_used", True):
             for group_index, group in enumerate(self.param_groups):
@@ -359,17 +380,32 @@ class RMSprop(Optimizer):
         # Every group is gathered and checked before any is stepped.
         prepared: list[tuple[int, tuple[list[Tensor], ...] | None, bool]] = []
         for group_index, group in enumerate(self.param_groups):
+            if group_index in cached_gradients:
+                prepared.append((group_index, None, True))
+                continue
+            # A stale cache would keep replaced tensors alive.
+            self._fused_caches.pop(group_index, None)
             if group["state_precision"] != "full":
                 prepared.append((group_index, None, False))
                 continue
             tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *tensors)
-            prepared.append((group_index, tensors, _use_fused(group, tensors)))
+            fused = _use_fused(group, tensors)
+            if fused:
+                params, _, square_avgs, grad_avgs, momentum_buffers, steps = tensors
+                self._fused_caches[group_index] = FusedGroupCache(
+                    group, self.state, params, square_avgs, grad_avgs, momentum_buffers, steps
+                )
+            prepared.append((group_index, tensors, fused))
         if not torch.compiler.is_compiling():
             # The fused path has checked its tensors already: it runs only where they fit.
             self._check_state_fits_params(index for index, tensors, fused in prepared if tensors and not fused)
         for group_index, tensors, fused in prepared:
             group = self.param_groups[group_index]
+            if group_index in cached_gradients:
+                cache = self._fused_caches[group_index]
+                launch(cache.calls, cache.params, cached_gradients[group_index], Hyperparameters.from_group(group))
+                continue
             if tensors is None:
                 self._step_low_precision(group_index)
                 continue
@@ -428,15 +464,18 @@ def _check_fused_params(params: list[Tensor]) -> None:
 
 def _use_fused(group: dict[str, Any], tensors: tuple[list[Tensor], ...]) -> bool:
     """``fused=None`` means: the fused kernel where it supports the tensors, unless foreach is set."""
-    if group["fused"] is False or (group["fused"] is None and group["foreach"] is not None) or not tensors[0]:
-        return False
-    if torch.compiler.is_compiling():
+    if not (tensors[0] and _may_use_fused(group)) or torch.compiler.is_compiling():
         # torch.compile cannot trace into numba; it fuses the traced torch ops itself.
         return False
     reason = unsupported_reason(*tensors, differentiable=group["differentiable"], capturable=group["capturable"])
     if reason is not None and group["fused"]:
         raise RuntimeError(f"fused=True cannot take this step: {reason}; fused=None falls back to the other paths")
     return reason is None
+
+
+def _may_use_fused(group: dict[str, Any]) -> bool:
+    """Whether the group's settings let it take the fused path (its tensors decide the rest)."""
+    return not (group["fused"] is False or (group["fused"] is None and group["foreach"] is not None))
 
 
 def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:

@@ -1,0 +1,224 @@
+"""The fused path reuses a group's gathered tensors between steps (rmsprop.fused_cache).
+
+Each scenario changes something between steps behind the optimizer's back
+and runs the same script on the fused path (which caches) and on the
+for-loop path (which gathers every step, as torch.optim.RMSprop does); the
+parameters and state must agree within float32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import rmsprop.optimizer
+from rmsprop import RMSprop
+
+pytest.importorskip("numba")
+
+SIZES = (7, 64, 3, 130)
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(size, generator=generator)) for size in SIZES]
+
+
+def _new_grads(params: list[torch.Tensor], step: int) -> None:
+    generator = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+
+
+def _run(fused: bool, change: Callable[[RMSprop, list[torch.nn.Parameter], int], None], **settings):
+    params = _params()
+    path = {} if fused else {"fused": False, "foreach": False}
+    optimizer = RMSprop(params, lr=0.01, **settings, **path)
+    for step in range(6):
+        _new_grads(params, step)
+        change(optimizer, params, step)
+        optimizer.step()
+    return params, optimizer
+
+
+def _assert_same_run(change, **settings) -> None:
+    params, optimizer = _run(True, change, **settings)
+    expected_params, expected_optimizer = _run(False, change, **settings)
+    for p, expected in zip(params, expected_params, strict=True):
+        torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
+        state, expected_state = optimizer.state[p], expected_optimizer.state[expected]
+        assert state.keys() == expected_state.keys()
+        for key in state:
+            torch.testing.assert_close(state[key], expected_state[key], rtol=1e-5, atol=1e-6)
+
+
+def _unchanged(optimizer, params, step):
+    pass
+
+
+def _drop_some_grads(optimizer, params, step):
+    if step in (2, 3):
+        params[step - 1].grad = None
+
+
+def _move_a_param(optimizer, params, step):
+    if step == 3:
+        params[1].data = params[1].data.clone()
+
+
+def _replace_a_buffer(optimizer, params, step):
+    if step == 2:
+        state = optimizer.state[params[0]]
+        state["square_avg"] = state["square_avg"].clone()
+
+
+def _replace_param_states(optimizer, params, step):
+    # What ZeroRedundancyOptimizer.load_state_dict does to its local optimizer.
+    if step == 3:
+        for p in params:
+            optimizer.state[p] = {key: value.clone() for key, value in optimizer.state[p].items()}
+
+
+def _reload_state(optimizer, params, step):
+    if step == 2:
+        optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+
+def _switch_on_momentum_and_centered(optimizer, params, step):
+    if step == 3:
+        optimizer.param_groups[0]["momentum"] = 0.9
+        optimizer.param_groups[0]["centered"] = True
+
+
+def _change_lr(optimizer, params, step):
+    optimizer.param_groups[0]["lr"] = 0.01 / (step + 1)
+
+
+def _add_a_param(optimizer, params, step):
+    if step == 3:
+        extra = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        extra.grad = torch.ones(5)
+        params.append(extra)
+        optimizer.param_groups[0]["params"].append(extra)
+
+
+def _non_contiguous_grad(optimizer, params, step):
+    if step == 3:
+        params[1].grad = torch.linspace(-1, 1, 128)[::2]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _unchanged,
+        _drop_some_grads,
+        _move_a_param,
+        _replace_a_buffer,
+        _replace_param_states,
+        _reload_state,
+        _switch_on_momentum_and_centered,
+        _change_lr,
+        _add_a_param,
+        _non_contiguous_grad,
+    ],
+)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"momentum": 0.5, "centered": True, "weight_decay": 0.1},
+        {"momentum": 0.5, "nesterov": True, "bias_correction": True, "maximize": True},
+    ],
+)
+def test_a_change_between_steps_is_seen(change, settings):
+    _assert_same_run(change, **settings)
+
+
+def test_later_steps_reuse_the_gathered_tensors(monkeypatch):
+    params = _params()
+    optimizer = RMSprop(params)
+    gathered = []
+    original = RMSprop._init_group
+
+    def spy(self, *args):
+        gathered.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(RMSprop, "_init_group", spy)
+    for step in range(3):
+        _new_grads(params, step)
+        optimizer.step()
+    assert len(gathered) == 1
+
+
+def test_the_cache_does_not_keep_gradients_alive():
+    params = _params()
+    optimizer = RMSprop(params)
+    _new_grads(params, 0)
+    optimizer.step()
+    grad = weakref.ref(params[0].grad)
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    assert grad() is None
+
+
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))])
+def test_a_copied_optimizer_steps_its_own_tensors(duplicate):
+    model = torch.nn.Linear(4, 3)
+    optimizer = RMSprop(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    twin_model, twin_optimizer = duplicate((model, optimizer))
+    twin_model(torch.ones(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    twin_optimizer.step()
+    for p, old, twin in zip(model.parameters(), before, twin_model.parameters(), strict=True):
+        assert torch.equal(p, old)
+        assert not torch.equal(twin, old)
+
+
+def test_a_sparse_gradient_after_cached_steps_is_refused_before_any_change():
+    params = _params()
+    optimizer = RMSprop(params)
+    for step in range(2):
+        _new_grads(params, step)
+        optimizer.step()
+    _new_grads(params, 2)
+    params[2].grad = params[2].grad.to_sparse()
+    before = copy.deepcopy(optimizer.state_dict())
+    values = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        optimizer.step()
+    for p, value in zip(params, values, strict=True):
+        assert torch.equal(p, value)
+    torch.testing.assert_close(optimizer.state_dict()["state"], before["state"], rtol=0, atol=0)
+
+
+def test_a_model_changed_after_cached_steps_gets_the_state_error():
+    params = _params()
+    optimizer = RMSprop(params)
+    for step in range(2):
+        _new_grads(params, step)
+        optimizer.step()
+    for p in params:
+        p.data = p.data.double()
+    _new_grads(params, 2)
+    with pytest.raises(ValueError, match="was the model changed"):
+        optimizer.step()
+
+
+def test_the_cache_is_dropped_when_the_group_leaves_the_fused_path():
+    params = _params()
+    optimizer = RMSprop(params)
+    _new_grads(params, 0)
+    optimizer.step()
+    assert rmsprop.optimizer.FusedGroupCache is type(optimizer._fused_caches[0])
+    optimizer.param_groups[0]["fused"] = False
+    optimizer.step()
+    assert optimizer._fused_caches == {}

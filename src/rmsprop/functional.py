@@ -207,7 +207,8 @@ def _denominator(
         second_moment = second_moment.addcmul(mean, mean, value=-1).clamp_(min=0)
     if hp.eps_in_sqrt:
         return second_moment.add(hp.eps).sqrt_()
-    root = second_moment.sqrt()
+    # square_avg itself must not be overwritten; a tensor made above may be.
+    root = second_moment.sqrt() if second_moment is square_avg else second_moment.sqrt_()
     # In-place would overwrite the sqrt output that autograd saves.
     return root.add(hp.eps) if differentiable else root.add_(hp.eps)
 
@@ -333,6 +334,10 @@ def _foreach_denominators(
         denoms = torch._foreach_add(second_moments, hp.eps)
         torch._foreach_sqrt_(denoms)
         return denoms
-    denoms = torch._foreach_sqrt(second_moments)
+    if second_moments is square_avgs:
+        denoms = torch._foreach_sqrt(second_moments)
+    else:
+        denoms = second_moments
+        torch._foreach_sqrt_(denoms)
     torch._foreach_add_(denoms, hp.eps)
     return denoms

@@ -105,8 +105,11 @@ def unsupported_reason(
 ) -> str | None:
     """Why :func:`fused_rmsprop` cannot take these inputs, or ``None`` if it can.
 
-    The kernel writes through raw pointers, so every tensor is checked at
-    every step: its device, layout, dtype, contiguity and shape.
+    The kernel writes through raw pointers, so every tensor is checked: its
+    device, layout, dtype, contiguity and shape. The optimizer calls this on a
+    group's first fused step and after any change :mod:`rmsprop.fused_cache`
+    sees; in between, that module checks the new gradients and that nothing
+    else changed.
     """
     if not numba_available():
         return "numba is not installed"

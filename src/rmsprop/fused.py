@@ -1,12 +1,15 @@
-r"""The fused CPU path: the whole RMSProp step in one pass over memory.
+r"""The fused path: the whole RMSProp step in one pass over memory, on CPU or CUDA.
 
 The for-loop and foreach paths of :mod:`rmsprop.functional` make one pass
 over memory per tensor operation (5 to 9 per step) and allocate temporaries.
-Here one numba kernel (:mod:`rmsprop._numba_kernels`) reads each element of
-``p``, ``g``, ``v`` (and ``m``, ``b`` where used) once, applies the whole rule
-of :mod:`rmsprop.functional` in registers and writes ``p``, ``v`` (``m``,
-``b``) back: a plain fp32 step moves 20 bytes per parameter, the minimum.
-All the tensors of a step go to one kernel call, spread over numba's threads.
+Here one kernel reads each element of ``p``, ``g``, ``v`` (and ``m``, ``b``
+where used) once, applies the whole rule of :mod:`rmsprop.functional` in
+registers and writes ``p``, ``v`` (``m``, ``b``) back: a plain fp32 step moves
+20 bytes per parameter, the minimum. This module checks the tensors and picks
+the kernel by device: numba on CPU tensors (:mod:`rmsprop._numba_kernels`,
+all the tensors of a dtype in one call, spread over numba's threads), Triton
+on CUDA tensors (:mod:`rmsprop._triton_kernels`, one launch per dtype and
+device). Each is imported on its first step.
 
 Elements are computed in float32 (float64 for float64 tensors), so results
 equal the for-loop path within that type's rounding, not bit for bit: torch
@@ -17,10 +20,14 @@ and, on this AVX512 CPU, a float32 ``sqrt`` that is not correctly rounded
 IEEE ``sqrt``, which numba uses). ``fused=False`` keeps torch's numbers bit
 for bit.
 
-Supported: dense contiguous CPU tensors of float32, float64, bfloat16, float16,
+Supported: dense contiguous CPU tensors (with numba installed) or CUDA
+tensors (with triton installed) of float32, float64, bfloat16, float16,
 complex64 or complex128 (as pairs of reals), parameter, gradient and state of
-one dtype, with every flag of the rule. :func:`unsupported_reason` says why
-other inputs are not; the optimizer then falls back to the other paths.
+one dtype on one device, steps on the CPU (as torch keeps them without
+``capturable``), with every flag of the rule. The Triton kernel computes as
+the numba kernel does (same types, correctly rounded division and square
+root). :func:`unsupported_reason` says why other inputs are not; the
+optimizer then falls back to the other paths.
 """
 
 from __future__ import annotations
@@ -36,7 +43,15 @@ from torch import Tensor
 
 from rmsprop.functional import Hyperparameters
 
-__all__ = ["fused_rmsprop", "kernel_scalars", "numba_available", "unsupported_dtype_or_layout", "unsupported_reason"]
+__all__ = [
+    "fused_rmsprop",
+    "kernel_scalars",
+    "missing_backend",
+    "numba_available",
+    "triton_available",
+    "unsupported_dtype_or_layout",
+    "unsupported_reason",
+]
 
 # Tensor dtype -> (array type the kernel sees, type elements are computed in).
 # bfloat16 and float16 travel as 16-bit integers (see rmsprop._numba_kernels).
@@ -50,13 +65,29 @@ _REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.floa
 _STEP_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _SUPPORTED_DTYPES = _KERNEL_TYPES.keys() | _REAL_OF_COMPLEX.keys()
 _PLAIN_TYPES = {Tensor, torch.nn.Parameter}
-_DTYPE, _SHAPE, _LAYOUT, _IS_CPU = (attrgetter(name) for name in ("dtype", "shape", "layout", "is_cpu"))
+_DTYPE, _SHAPE, _LAYOUT, _IS_CPU, _DEVICE = (attrgetter(name) for name in ("dtype", "shape", "layout", "is_cpu", "device"))
+_DEVICE_TYPES = {"cpu", "cuda"}
 
 
 @cache
 def numba_available() -> bool:
     """Whether numba can be imported (checked without importing it)."""
     return importlib.util.find_spec("numba") is not None
+
+
+@cache
+def triton_available() -> bool:
+    """Whether triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def missing_backend(device: torch.device) -> str | None:
+    """Why the fused kernel for ``device`` cannot run here (its compiler is not installed), or ``None``."""
+    if device.type == "cpu" and not numba_available():
+        return "numba is not installed (the fused path on CPU tensors is a numba kernel)"
+    if device.type == "cuda" and not triton_available():
+        return "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"
+    return None
 
 
 @cache
@@ -67,12 +98,20 @@ def _kernels() -> ModuleType:
     return _numba_kernels
 
 
+@cache
+def _triton_kernels() -> ModuleType:
+    """The Triton kernel, imported on the first fused step on CUDA tensors."""
+    from rmsprop import _triton_kernels
+
+    return _triton_kernels
+
+
 def unsupported_dtype_or_layout(tensor: Tensor, what: str) -> str | None:
     """Why the fused kernel cannot update ``tensor`` in place, or ``None`` if it can."""
     if type(tensor) not in _PLAIN_TYPES:
         return f"{what} is a {type(tensor).__name__}, not a plain tensor"
-    if tensor.device.type != "cpu":
-        return f"{what} is on {tensor.device}; the fused path runs on CPU tensors"
+    if tensor.device.type not in _DEVICE_TYPES:
+        return f"{what} is on {tensor.device}; the fused path runs on CPU and CUDA tensors"
     if tensor.layout != torch.strided:
         return f"{what} has layout {tensor.layout}, not torch.strided"
     if tensor.dtype not in _SUPPORTED_DTYPES:
@@ -95,11 +134,9 @@ def unsupported_reason(
 ) -> str | None:
     """Why :func:`fused_rmsprop` cannot take these inputs, or ``None`` if it can.
 
-    The kernel writes through raw pointers, so every tensor is checked at
+    The kernels write through raw pointers, so every tensor is checked at
     every step: its device, layout, dtype, contiguity and shape.
     """
-    if not numba_available():
-        return "numba is not installed"
     if differentiable:
         return "differentiable=True needs autograd through the step"
     if capturable:
@@ -109,9 +146,13 @@ def unsupported_reason(
         buffers["'grad_avg'"] = grad_avgs
     if momentum_buffers:
         buffers["'momentum_buffer'"] = momentum_buffers
-    if _all_supported(params, list(buffers.values()), state_steps):
-        return None
-    return _first_unsupported(params, buffers, state_steps)
+    if not _all_supported(params, list(buffers.values()), state_steps):
+        return _first_unsupported(params, buffers, state_steps)
+    for device in set(map(_DEVICE, params)):
+        reason = missing_backend(device)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_steps: list[Tensor]) -> bool:
@@ -119,15 +160,17 @@ def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_step
     for tensors in (params, *buffers):
         if not (
             set(map(type, tensors)) <= _PLAIN_TYPES
-            and all(map(_IS_CPU, tensors))
             and set(map(_LAYOUT, tensors)) <= {torch.strided}
             and all(map(Tensor.is_contiguous, tensors))
         ):
             return False
-    dtypes, shapes = list(map(_DTYPE, params)), list(map(_SHAPE, params))
-    if not set(dtypes) <= _SUPPORTED_DTYPES:
+    dtypes, shapes, devices = list(map(_DTYPE, params)), list(map(_SHAPE, params)), list(map(_DEVICE, params))
+    if not (set(dtypes) <= _SUPPORTED_DTYPES and {device.type for device in set(devices)} <= _DEVICE_TYPES):
         return False
-    if any(list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes for tensors in buffers):
+    if any(
+        list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes or list(map(_DEVICE, tensors)) != devices
+        for tensors in buffers
+    ):
         return False
     return (
         set(map(_DTYPE, state_steps)) <= _STEP_TYPES.keys()
@@ -146,6 +189,8 @@ def _first_unsupported(params: list[Tensor], buffers: dict[str, list[Tensor]], s
                 reason = f"the {what} of parameter {i} is {tensor.dtype}, the parameter {param.dtype}"
             if reason is None and tensor.shape != param.shape:
                 reason = f"the {what} of parameter {i} has shape {tuple(tensor.shape)}, the parameter {tuple(param.shape)}"
+            if reason is None and tensor.device != param.device:
+                reason = f"the {what} of parameter {i} is on {tensor.device}, the parameter on {param.device}"
             reason = reason or unsupported_dtype_or_layout(tensor, f"the {what} of parameter {i}")
         step = state_steps[i]
         if reason is None and not (step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1):
@@ -164,45 +209,73 @@ def fused_rmsprop(
     state_steps: list[Tensor],
     hp: Hyperparameters,
 ) -> None:
-    """Apply one RMSProp step in place, in one kernel call per dtype.
+    """Apply one RMSProp step in place, in one kernel call per device and dtype.
 
     Same contract as :func:`rmsprop.functional.rmsprop`; the inputs must pass
     :func:`unsupported_reason`.
     """
     if not params:
         return
-    kernels = _kernels()
-    _match_torch_threads()
     lr = float(hp.lr)
-    for (dtype, step_dtype), indices in _split_by_dtype(params, state_steps):
+    for (device, _, _), indices in _split_by_device_and_dtype(params, state_steps):
 
-        def addresses(tensors: list[Tensor]) -> np.ndarray:
-            chosen = tensors if indices is None else [tensors[i] for i in indices]
-            return np.array(list(map(Tensor.data_ptr, chosen)), np.int64)
+        def chosen(tensors: list[Tensor]) -> list[Tensor]:
+            return tensors if indices is None or not tensors else [tensors[i] for i in indices]
 
-        # Complex tensors are updated as pairs of reals, like the for-loop path.
-        chosen_params = params if indices is None else [params[i] for i in indices]
-        sizes = np.array(list(map(Tensor.numel, chosen_params)), np.int64) * (2 if dtype.is_complex else 1)
-        storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
-        kernels.rmsprop_step(
-            addresses(params),
-            addresses(grads),
-            addresses(square_avgs),
-            addresses(grad_avgs) if hp.centered else None,
-            addresses(momentum_buffers) if hp.momentum > 0 else None,
-            sizes,
-            addresses(state_steps),
-            np.empty(0, storage),
-            np.empty(0, _STEP_TYPES[step_dtype]),
-            kernel_scalars(hp, lr, compute),
-            float(hp.alpha),
-            hp.weight_decay != 0 and not hp.decoupled_weight_decay,
-            hp.bias_correction,
-            hp.nesterov,
-            hp.lr_in_momentum,
+        _STEPS[device.type](
+            *map(chosen, (params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps)), hp, lr
         )
     # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
     torch.autograd.graph.increment_version(params)
+
+
+def _numba_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+    hp: Hyperparameters,
+    lr: float,
+) -> None:
+    """One numba kernel call over CPU tensors of one dtype (and one step dtype)."""
+    kernels = _kernels()
+    _match_torch_threads()
+
+    def addresses(tensors: list[Tensor]) -> np.ndarray:
+        return np.array(list(map(Tensor.data_ptr, tensors)), np.int64)
+
+    dtype = params[0].dtype
+    # Complex tensors are updated as pairs of reals, like the for-loop path.
+    sizes = np.array(list(map(Tensor.numel, params)), np.int64) * (2 if dtype.is_complex else 1)
+    storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
+    kernels.rmsprop_step(
+        addresses(params),
+        addresses(grads),
+        addresses(square_avgs),
+        addresses(grad_avgs) if hp.centered else None,
+        addresses(momentum_buffers) if hp.momentum > 0 else None,
+        sizes,
+        addresses(state_steps),
+        np.empty(0, storage),
+        np.empty(0, _STEP_TYPES[state_steps[0].dtype]),
+        kernel_scalars(hp, lr, compute),
+        float(hp.alpha),
+        hp.weight_decay != 0 and not hp.decoupled_weight_decay,
+        hp.bias_correction,
+        hp.nesterov,
+        hp.lr_in_momentum,
+    )
+
+
+def _triton_step(*args) -> None:
+    """One Triton launch over CUDA tensors of one dtype (see :func:`rmsprop._triton_kernels.rmsprop_step`)."""
+    _triton_kernels().rmsprop_step(*args)
+
+
+# The kernel for each device type that unsupported_reason accepts.
+_STEPS = {"cpu": _numba_step, "cuda": _triton_step}
 
 
 def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:
@@ -228,14 +301,13 @@ def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:
     return scalars
 
 
-def _split_by_dtype(params: list[Tensor], state_steps: list[Tensor]) -> list[tuple[tuple, list[int] | None]]:
-    """((parameter dtype, step dtype), positions) for each kernel call; ``None`` means all."""
-    param_dtypes, step_dtypes = set(map(_DTYPE, params)), set(map(_DTYPE, state_steps))
-    if len(param_dtypes) == len(step_dtypes) == 1:
-        return [((param_dtypes.pop(), step_dtypes.pop()), None)]
-    kinds = list(zip(map(_DTYPE, params), map(_DTYPE, state_steps), strict=True))
+def _split_by_device_and_dtype(params: list[Tensor], state_steps: list[Tensor]) -> list[tuple[tuple, list[int] | None]]:
+    """((device, parameter dtype, step dtype), positions) for each kernel call; ``None`` means all."""
+    kinds = (set(map(_DEVICE, params)), set(map(_DTYPE, params)), set(map(_DTYPE, state_steps)))
+    if all(len(kind) == 1 for kind in kinds):
+        return [(tuple(kind.pop() for kind in kinds), None)]
     positions: dict[tuple, list[int]] = {}
-    for i, kind in enumerate(kinds):
+    for i, kind in enumerate(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, state_steps), strict=True)):
         positions.setdefault(kind, []).append(i)
     return list(positions.items())
 

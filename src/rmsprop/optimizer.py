@@ -19,7 +19,7 @@ from torch.optim.optimizer import (
 
 from rmsprop import state_precision as low_precision
 from rmsprop.functional import Hyperparameters, rmsprop
-from rmsprop.fused import numba_available, unsupported_dtype_or_layout, unsupported_reason
+from rmsprop.fused import missing_backend, unsupported_dtype_or_layout, unsupported_reason
 from rmsprop.presets import preset_settings
 from rmsprop.validation import check_settings
 
@@ -98,14 +98,15 @@ class RMSprop(Optimizer):
             converts its state at the next step (default: "full").
         min_8bit_size (int): with ``"8bit"``, tensors with fewer elements
             keep fp32 state (default: 4096, as bitsandbytes).
-        fused (bool, optional): the one-pass CPU kernel of
-            :mod:`rmsprop.fused` (numba), several times faster than the other
-            paths, equal to them within rounding of the compute type. ``None``
-            takes it where it supports the tensors (dense contiguous CPU
-            tensors of float or complex dtype) and ``foreach`` is ``None``;
-            ``True`` requires it (default: None). Under ``torch.compile`` the
-            step is traced through the torch ops instead, which the compiler
-            fuses itself.
+        fused (bool, optional): the one-pass kernel of :mod:`rmsprop.fused`
+            (numba on CPU, Triton on CUDA), several times faster than the
+            other paths on CPU, equal to them within rounding of the compute
+            type. ``None`` takes it where it supports the tensors (dense
+            contiguous CPU or CUDA tensors of float or complex dtype, with
+            numba or triton installed) and ``foreach`` is ``None``; ``True``
+            requires it (default: None). Under ``torch.compile`` the step is
+            traced through the torch ops instead, which the compiler fuses
+            itself.
 
     Non-finite gradients are not filtered: like ``torch.optim``, NaN and inf
     propagate into the parameters. ``torch.amp.GradScaler`` is the tool that
@@ -418,10 +419,8 @@ _FACTORY_DEFAULTS = {
 
 
 def _check_fused_params(params: list[Tensor]) -> None:
-    if not numba_available():
-        raise ValueError("Invalid fused: True (fused=True needs numba; pip install numba, or use fused=None)")
     for i, param in enumerate(params):
-        reason = unsupported_dtype_or_layout(param, f"parameter {i}")
+        reason = unsupported_dtype_or_layout(param, f"parameter {i}") or missing_backend(param.device)
         if reason is not None:
             raise ValueError(f"Invalid fused: True ({reason}; fused=None falls back to the other paths)")
 

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+import rmsprop.fused
 from rmsprop import RMSprop, reference
 from rmsprop.fused import unsupported_reason
 
@@ -426,3 +427,29 @@ def test_fused_leaves_tensors_off_the_cpu_to_the_other_paths():
     tensors = [[torch.ones(3, device="meta")] for _ in range(3)]
     reason = unsupported_reason(*tensors, [], [], [torch.zeros(())], differentiable=False, capturable=False)
     assert reason == "parameter 0 is on meta; the fused path runs on CPU and CUDA tensors"
+
+
+def test_unsupported_reason_names_a_state_tensor_on_another_device():
+    tensors = [[torch.ones(3)], [torch.ones(3, device="meta")], [torch.zeros(3)]]
+    reason = unsupported_reason(*tensors, [], [], [torch.zeros(())], differentiable=False, capturable=False)
+    assert reason == "the gradient of parameter 0 is on meta, the parameter on cpu"
+
+
+@pytest.mark.parametrize(
+    ("device", "available", "message"),
+    [
+        ("cuda", "triton_available", "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"),
+        ("cpu", "numba_available", "numba is not installed (the fused path on CPU tensors is a numba kernel)"),
+    ],
+)
+def test_missing_backend_names_the_compiler_each_device_needs(monkeypatch, device, available, message):
+    """A CUDA step needs triton, a CPU step numba; checked from the device, so no GPU is needed here."""
+    monkeypatch.setattr(rmsprop.fused, available, lambda: False)
+    assert rmsprop.fused.missing_backend(torch.device(device)) == message
+
+
+def test_fused_true_without_numba_names_the_argument(monkeypatch):
+    monkeypatch.setattr(rmsprop.fused, "numba_available", lambda: False)
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(numba is not installed"):
+        RMSprop([torch.nn.Parameter(torch.ones(2))], fused=True)
+    assert not _uses_fused(monkeypatch, RMSprop([_with_grad(torch.ones(2))]))

@@ -9,7 +9,7 @@ combination compiles to straight-line code without the others' branches.
 One launch updates every tensor of one dtype on one device, however many:
 with hundreds of tensors, one launch each would cost more than the work. The
 tensors reach the kernel as raw addresses in one int64 table, copied to the
-device once per step (no host sync: the copy is queued on the stream)::
+device once per step from pinned memory (queued on the stream: no host sync)::
 
     [0, NUM_SCALARS)              the rule's numbers, as float64 bit patterns
     then TENSOR_FIELDS per tensor addresses of p, g, v, m, b; element count;
@@ -226,13 +226,18 @@ def rmsprop_step(
     chunk_counts = -(-sizes // chunk)
     if not chunk_counts.sum():
         return
-    table = _table(hp, lr, params, grads, square_avgs, grad_avgs, momentum_buffers, sizes, corrections, chunk, chunk_counts)
+    table = torch.from_numpy(
+        _table(hp, lr, params, grads, square_avgs, grad_avgs, momentum_buffers, sizes, corrections, chunk, chunk_counts)
+    )
     device = params[0].device
+    if device.type == "cuda":
+        # From pinned memory without blocking: a plain copy would wait for the GPU's queue (the backward pass).
+        table = table.pin_memory().to(device, non_blocking=True)
     chunks_at = NUM_SCALARS.value + TENSOR_FIELDS.value * len(params)
     storage, compute = _TYPES[params[0].dtype]
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _rmsprop_kernel[(int(chunk_counts.sum()),)](
-            torch.from_numpy(table).to(device),
+            table,
             chunks_at,
             STORAGE=storage,
             COMPUTE=compute,

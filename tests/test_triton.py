@@ -67,8 +67,8 @@ def _import_kernels(interpret: bool):
 
 kernels = _import_kernels(interpret=not CUDA)
 
-# Tensors over several programs, of one element and of none; the second skips step 2 (see test_fused).
-SHAPES = [(3, 5), (70,), (), (0,)]
+# A tensor over several programs and one of no elements; the second skips step 2 (see test_fused).
+SHAPES = [(3, 5), (70,), (0,)]
 # A few flag combinations where the dtype, not the rule, is under test.
 SOME_COMBINATIONS = [
     FLAG_COMBINATIONS[0],
@@ -123,7 +123,8 @@ def test_float64_equals_numpy_reference_for_every_flag_combination(triton_on_cpu
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 2**-6), (torch.float16, 2**-9)], ids=str)
 @pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=_combination_id)
 def test_low_precision_equals_float32_for_loop_rounded_each_step(two_blocks_per_program, flags, dtype, rtol):
-    _check_low_precision(_fused_and_loop(flags, dtype, torch.float32, round_each_step=True, shapes=SHAPES), dtype, rtol)
+    shapes = [*SHAPES, ()]
+    _check_low_precision(_fused_and_loop(flags, dtype, torch.float32, round_each_step=True, shapes=shapes), dtype, rtol)
 
 
 @interpreter_only
@@ -295,11 +296,10 @@ def test_triton_kernel_module_is_imported_only_for_a_cuda_step():
     assert output.strip() == "False"
 
 
-@pytest.mark.parametrize("block", [32, 1024])
-def test_rmsprop_step_increments_steps_even_without_elements(block):
+def test_rmsprop_step_increments_steps_even_without_elements():
     """Empty tensors make no programs (and no launch) but count their step, as torch does."""
     params, grads, square_avgs = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
     steps = [torch.zeros(())]
     hp = Hyperparameters.from_group(RMSprop([torch.nn.Parameter(torch.ones(1))]).defaults)
-    kernels.rmsprop_step(params, grads, square_avgs, [], [], steps, hp, 0.01, block=block)
+    kernels.rmsprop_step(params, grads, square_avgs, [], [], steps, hp, 0.01)
     assert steps[0].item() == 1

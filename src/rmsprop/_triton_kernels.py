@@ -11,10 +11,13 @@ with hundreds of tensors, one launch each would cost more than the work. The
 tensors reach the kernel as raw addresses in one int64 table, copied to the
 device once per step from pinned memory (queued on the stream: no host sync)::
 
-    [0, NUM_SCALARS)              the rule's numbers, as float64 bit patterns
+    [0, NUM_SCALARS)              the rule's numbers (float64)
     then TENSOR_FIELDS per tensor addresses of p, g, v, m, b; element count;
-                                  1 - alpha^t as float64 bits
+                                  1 - alpha^t (float64)
     then 2 per program            tensor index, first element of its chunk
+
+The kernel gets the table twice, as int64 and as float64, and reads each
+entry through the pointer of its type.
 
 Each program updates one chunk of at most ``BLOCK * BLOCKS_PER_CHUNK`` elements of one tensor.
 The 0-dim ``step`` tensors stay on the CPU, as torch keeps them without
@@ -68,12 +71,6 @@ _TYPES = {
 
 
 @triton.jit
-def _scalar(table, index, COMPUTE: tl.constexpr):
-    """A float64 stored as its bits in the table, rounded to the compute type."""
-    return tl.load(table + index).to(tl.float64, bitcast=True).to(COMPUTE)
-
-
-@triton.jit
 def _div(numerator, denominator, COMPUTE: tl.constexpr):
     if COMPUTE == tl.float64:
         return numerator / denominator  # float64 division is correctly rounded
@@ -113,6 +110,7 @@ def _narrow(value, STORAGE: tl.constexpr):
 @triton.jit
 def _rmsprop_kernel(
     table,
+    numbers,
     chunks_at,
     STORAGE: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -132,15 +130,17 @@ def _rmsprop_kernel(
     program = tl.program_id(0).to(tl.int64)
     tensor = tl.load(table + chunks_at + 2 * program)
     first = tl.load(table + chunks_at + 2 * program + 1)
-    lr = _scalar(table, LR, COMPUTE)
-    alpha = _scalar(table, ALPHA, COMPUTE)
-    rate = _scalar(table, RATE, COMPUTE)
-    eps = _scalar(table, EPS, COMPUTE)
-    weight_decay = _scalar(table, WEIGHT_DECAY, COMPUTE)
-    decay_factor = _scalar(table, DECAY_FACTOR, COMPUTE)
-    momentum = _scalar(table, MOMENTUM, COMPUTE)
+    # Rounded from float64 to the compute type, like the for-loop path's Python floats.
+    lr = tl.load(numbers + LR).to(COMPUTE)
+    alpha = tl.load(numbers + ALPHA).to(COMPUTE)
+    rate = tl.load(numbers + RATE).to(COMPUTE)
+    eps = tl.load(numbers + EPS).to(COMPUTE)
+    weight_decay = tl.load(numbers + WEIGHT_DECAY).to(COMPUTE)
+    decay_factor = tl.load(numbers + DECAY_FACTOR).to(COMPUTE)
+    momentum = tl.load(numbers + MOMENTUM).to(COMPUTE)
 
-    fields = table + NUM_SCALARS + TENSOR_FIELDS * tensor
+    at = NUM_SCALARS + TENSOR_FIELDS * tensor
+    fields = table + at
     pointer = tl.pointer_type(STORAGE)
     p_ptr = tl.load(fields + P).to(pointer)
     g_ptr = tl.load(fields + G).to(pointer)
@@ -148,7 +148,7 @@ def _rmsprop_kernel(
     m_ptr = tl.load(fields + M).to(pointer)
     b_ptr = tl.load(fields + B).to(pointer)
     numel = tl.load(fields + NUMEL)
-    correction = _scalar(fields, CORRECTION, COMPUTE)
+    correction = tl.load(numbers + at + CORRECTION).to(COMPUTE)
 
     for block in tl.static_range(BLOCKS):
         offsets = first + block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -238,6 +238,7 @@ def rmsprop_step(
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _rmsprop_kernel[(int(chunk_counts.sum()),)](
             table,
+            table.view(torch.float64),
             chunks_at,
             STORAGE=storage,
             COMPUTE=compute,
@@ -277,7 +278,7 @@ def _table(
         if tensors:  # absent state (no centered, no momentum) stays at address 0 and is never read
             fields[:, column.value] = list(map(Tensor.data_ptr, tensors))
     fields[:, NUMEL.value] = sizes
-    fields[:, CORRECTION.value] = corrections.astype(np.float64).view(np.int64)
+    fields[:, CORRECTION.value] = corrections.view(np.int64)
     owners = np.repeat(np.arange(len(params)), chunk_counts)
     # The first element of each chunk: its rank within its tensor, times the chunk size.
     firsts = (np.arange(owners.size) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)) * chunk

@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 # The CPU build first, so that nothing pulls a multi-GB CUDA build of torch.
 TORCH := torch==2.13.0
+# The Triton release on this machine's disk (tests/test_triton.py runs its interpreter); Linux only.
+TRITON := "triton==3.8.0; sys_platform == 'linux'"
 
 .PHONY: demo test bench install clean compare test-frameworks golden
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet $(TORCH) $(TRITON)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

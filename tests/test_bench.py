@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+import torch
+
 from rmsprop.bench import Case, cases, transformer_shapes
 from rmsprop.cli import main
 
@@ -51,3 +54,9 @@ def test_transformer_case_matches_the_issue():
     assert 190 <= len(shapes) <= 210
     assert 24e6 <= numel <= 28e6
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quick_bench_runs_on_cuda(capsys):
+    assert main(["bench", "--quick", "--no-compile", "--device", "cuda", "--case", "small tensors"]) == 0
+    assert "rmsprop fused" in capsys.readouterr().out

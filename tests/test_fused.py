@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+import rmsprop.fused
 from rmsprop import RMSprop, reference
 from rmsprop.fused import unsupported_reason
 
@@ -173,14 +174,18 @@ def test_fused_equals_for_loop_on_tensors_over_several_chunks(flags, dtype):
 
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
 def test_fused_float64_equals_numpy_reference(flags):
+    _check_float64_against_reference(flags)
+
+
+def _check_float64_against_reference(flags: dict, shapes: list[tuple] = SHAPES) -> None:
     settings = _settings(flags)
-    params = _params(torch.float64)
+    params = _params(torch.float64, shapes)
     gradients = _gradients(params, len(LRS))
     optimizer = RMSprop(params, fused=True, **settings)
     _run(optimizer, params, gradients, torch.float64)
 
     reference_settings = {k: v for k, v in settings.items() if k != "initial_scale"}
-    for i, start in enumerate(_params(torch.float64)):
+    for i, start in enumerate(_params(torch.float64, shapes)):
         value = start.detach().numpy()
         state = reference.init_state(value, settings["initial_scale"])
         for lr, step_gradients in zip(LRS, gradients, strict=True):
@@ -417,8 +422,34 @@ def test_fused_takes_float64_step_counters():
 def test_fused_leaves_tensors_off_the_cpu_to_the_other_paths():
     """The meta device stands in for CUDA, which CI does not have."""
     param = torch.nn.Parameter(torch.ones(3, device="meta"))
-    with pytest.raises(ValueError, match="Invalid fused: True .*parameter 0 is on meta; the fused path runs on CPU tensors"):
+    with pytest.raises(ValueError, match="Invalid fused: True .*parameter 0 is on meta; the fused path runs on CPU and CUDA tensors"):
         RMSprop([param], fused=True)
     tensors = [[torch.ones(3, device="meta")] for _ in range(3)]
     reason = unsupported_reason(*tensors, [], [], [torch.zeros(())], differentiable=False, capturable=False)
-    assert reason == "parameter 0 is on meta; the fused path runs on CPU tensors"
+    assert reason == "parameter 0 is on meta; the fused path runs on CPU and CUDA tensors"
+
+
+def test_unsupported_reason_names_a_state_tensor_on_another_device():
+    tensors = [[torch.ones(3)], [torch.ones(3, device="meta")], [torch.zeros(3)]]
+    reason = unsupported_reason(*tensors, [], [], [torch.zeros(())], differentiable=False, capturable=False)
+    assert reason == "the gradient of parameter 0 is on meta, the parameter on cpu"
+
+
+@pytest.mark.parametrize(
+    ("device", "available", "message"),
+    [
+        ("cuda", "triton_available", "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"),
+        ("cpu", "numba_available", "numba is not installed (the fused path on CPU tensors is a numba kernel)"),
+    ],
+)
+def test_missing_backend_names_the_compiler_each_device_needs(monkeypatch, device, available, message):
+    """A CUDA step needs triton, a CPU step numba; checked from the device, so no GPU is needed here."""
+    monkeypatch.setattr(rmsprop.fused, available, lambda: False)
+    assert rmsprop.fused.missing_backend(torch.device(device)) == message
+
+
+def test_fused_true_without_numba_names_the_argument(monkeypatch):
+    monkeypatch.setattr(rmsprop.fused, "numba_available", lambda: False)
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(numba is not installed"):
+        RMSprop([torch.nn.Parameter(torch.ones(2))], fused=True)
+    assert not _uses_fused(monkeypatch, RMSprop([_with_grad(torch.ones(2))]))

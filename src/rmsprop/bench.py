@@ -9,6 +9,11 @@ reported, with ratios to torch's for-loop and foreach steps and to a memory
 bound measured in the same rounds: a numba kernel that only moves memory in
 the step's own pattern (3 tensors read, 2 written, same chunks and threads),
 scaled to the bytes the case's step must move. Timings never enter tests.
+
+With ``device="cuda"`` the same cases run on CUDA tensors (the fused path is
+then the Triton kernel), each step is timed up to ``torch.cuda.synchronize()``,
+and the bound is a device-to-device copy of as many bytes as a plain step
+moves (copy bandwidth). CI has no GPU: that mode is never run there.
 """
 
 from __future__ import annotations
@@ -100,7 +105,16 @@ def _our_step(params: list[torch.Tensor], settings: dict, **path: bool) -> Calla
 
 
 def _bound_step(params: list[torch.Tensor], state_of: RMSprop) -> Callable[[], Any]:
-    """The memory-only kernel on this case's parameters, gradients and square averages."""
+    """Moving the 20 bytes per parameter of a plain step and nothing else.
+
+    On CPU, the memory-only kernel on this case's parameters, gradients and
+    square averages; on CUDA, a copy (10 bytes read, 10 written per parameter).
+    """
+    if params[0].is_cuda:
+        numel = sum(p.numel() for p in params)
+        source = torch.empty(numel * 10 // 4, device=params[0].device)
+        target = torch.empty_like(source)
+        return lambda: target.copy_(source)
     from rmsprop.fused import _kernels
 
     kernels = _kernels()
@@ -130,23 +144,27 @@ def _implementations(
     return steps, fused
 
 
-def _timed(step: Callable[[], Any]) -> float:
+def _timed(step: Callable[[], Any], device: str) -> float:
+    """ms of one step; on CUDA, until the GPU has finished it."""
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    synchronize()
     start = time.perf_counter()
     step()
+    synchronize()
     return (time.perf_counter() - start) * 1e3
 
 
-def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool) -> dict[str, Any]:
+def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool, device: str = "cpu") -> dict[str, Any]:
     """Median ms per step and first-call ms of each implementation on ``case``."""
     generator = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in case.shapes]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device)) for shape in case.shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=generator)
+        p.grad = torch.randn(p.shape, generator=generator).to(device)
     steps, fused = _implementations(params, case, compile_torch)
-    first = {name: _timed(step) for name, step in steps.items()}
+    first = {name: _timed(step, device) for name, step in steps.items()}
     # After the first fused step, which creates the square averages the bound reads.
     steps[BOUND] = _bound_step(params, fused)
-    first[BOUND] = _timed(steps[BOUND])
+    first[BOUND] = _timed(steps[BOUND], device)
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -156,7 +174,7 @@ def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool) -> dict
         # A rotating order, so no implementation always runs right after the same one.
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_timed(steps[name]))
+            times[name].append(_timed(steps[name], device))
     torch._dynamo.reset()
     return _summary(case, first, times)
 
@@ -191,15 +209,16 @@ def _summary(case: Case, first: dict[str, float], times: dict[str, list[float]])
     }
 
 
-def fresh_process_first_step_ms() -> dict[str, float]:
-    """In a new Python process: importing numba, and the first fused step (numba import + kernel load)."""
+def fresh_process_first_step_ms(device: str = "cpu") -> dict[str, float]:
+    """In a new Python process, the first fused step (importing numba or triton, loading or compiling the kernel)."""
+    sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"
     script = (
         "import time, torch\n"
         "from rmsprop import RMSprop\n"
-        "p = torch.nn.Parameter(torch.ones(1000)); p.grad = torch.ones(1000)\n"
+        f"p = torch.nn.Parameter(torch.ones(1000, device={device!r})); p.grad = torch.ones_like(p)\n"
         "opt = RMSprop([p], fused=True)\n"
-        "start = time.perf_counter(); opt.step(); first = time.perf_counter() - start\n"
-        "start = time.perf_counter(); opt.step(); second = time.perf_counter() - start\n"
+        f"start = time.perf_counter(); opt.step(); {sync}; first = time.perf_counter() - start\n"
+        f"start = time.perf_counter(); opt.step(); {sync}; second = time.perf_counter() - start\n"
         "print(first * 1e3, second * 1e3)\n"
     )
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
@@ -212,15 +231,16 @@ def run_benchmark(
     repeats: int | None = None,
     compile_torch: bool | None = None,
     case_names: list[str] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Every case, one after the other, in this process; a dict ready for JSON."""
+    """Every case, one after the other, in this process, on ``device``; a dict ready for JSON."""
     repeats = repeats or (3 if quick else 15)
     compile_torch = (not quick) if compile_torch is None else compile_torch
     chosen = [case for case in cases(quick) if not case_names or case.name in case_names]
     results = []
     for case in chosen:
         start = time.perf_counter()
-        results.append(run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch))
+        results.append(run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch, device=device))
         print(f"bench: {case.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     import numba
 
@@ -234,8 +254,9 @@ def run_benchmark(
             "numba_threads": numba.get_num_threads(),
             "numba_threading_layer": numba.threading_layer(),
             "quick": quick,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         },
-        "fresh_process": fresh_process_first_step_ms(),
+        "fresh_process": fresh_process_first_step_ms(device),
         "cases": results,
     }
 
@@ -246,8 +267,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     fresh = report["fresh_process"]
     lines = [
         f"torch {machine['torch']}, numba {machine['numba']} ({machine['numba_threading_layer']} layer), "
-        f"{machine['torch_threads']} torch threads, {machine['numba_threads']} numba threads. "
-        f"Fused first step in a fresh process (numba import + cached kernels): {fresh['first_step_ms']:.0f} ms.",
+        f"{machine['torch_threads']} torch threads, {machine['numba_threads']} numba threads, "
+        f"device {machine['device']}. "
+        f"Fused first step in a fresh process (import + kernel load or compile): {fresh['first_step_ms']:.0f} ms.",
         "",
         "| case | implementation | median ms/step | × faster than torch for-loop | × faster than torch foreach "
         "| × the memory bound | first call ms |",
@@ -268,8 +290,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool, json_path: Path | None, repeats: int | None, compile_torch: bool | None, case_names: list[str] | None) -> int:
-    report = run_benchmark(quick=quick, repeats=repeats, compile_torch=compile_torch, case_names=case_names)
+def main(
+    quick: bool,
+    json_path: Path | None,
+    repeats: int | None,
+    compile_torch: bool | None,
+    case_names: list[str] | None,
+    device: str = "cpu",
+) -> int:
+    report = run_benchmark(quick=quick, repeats=repeats, compile_torch=compile_torch, case_names=case_names, device=device)
     print(markdown_table(report))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         compile_torch=args.compile,
         case_names=args.case,
+        device=args.device,
     )
 
 
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="include torch.compile of torch's step (default: on, off with --quick); compiling takes seconds to minutes per case",
     )
     bench.add_argument("--case", action="append", default=None, help="run only this case (by name; repeatable)")
+    bench.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the tensors live; with cuda the fused path is the Triton kernel and the bound is copy bandwidth (default: cpu)",
+    )
     bench.set_defaults(run=_bench)
     return parser
 

@@ -1,12 +1,15 @@
-r"""The fused CPU path: the whole RMSProp step in one pass over memory.
+r"""The fused path: the whole RMSProp step in one pass over memory, on CPU or CUDA.
 
 The for-loop and foreach paths of :mod:`rmsprop.functional` make one pass
 over memory per tensor operation (5 to 9 per step) and allocate temporaries.
-Here one numba kernel (:mod:`rmsprop._numba_kernels`) reads each element of
-``p``, ``g``, ``v`` (and ``m``, ``b`` where used) once, applies the whole rule
-of :mod:`rmsprop.functional` in registers and writes ``p``, ``v`` (``m``,
-``b``) back: a plain fp32 step moves 20 bytes per parameter, the minimum.
-All the tensors of a step go to one kernel call, spread over numba's threads.
+Here one kernel reads each element of ``p``, ``g``, ``v`` (and ``m``, ``b``
+where used) once, applies the whole rule of :mod:`rmsprop.functional` in
+registers and writes ``p``, ``v`` (``m``, ``b``) back: a plain fp32 step moves
+20 bytes per parameter, the minimum. This module checks the tensors and picks
+the kernel by device: numba on CPU tensors (:mod:`rmsprop._numba_kernels`,
+all the tensors of a dtype in one call, spread over numba's threads), Triton
+on CUDA tensors (:mod:`rmsprop._triton_kernels`, one launch per dtype and
+device). Each is imported on its first step.
 
 Elements are computed in float32 (float64 for float64 tensors), so results
 equal the for-loop path within that type's rounding, not bit for bit: torch
@@ -17,19 +20,24 @@ and, on this AVX512 CPU, a float32 ``sqrt`` that is not correctly rounded
 IEEE ``sqrt``, which numba uses). ``fused=False`` keeps torch's numbers bit
 for bit.
 
-Supported: dense contiguous CPU tensors of float32, float64, bfloat16, float16,
+Supported: dense contiguous CPU tensors (with numba installed) or CUDA
+tensors (with triton installed) of float32, float64, bfloat16, float16,
 complex64 or complex128 (as pairs of reals), parameter, gradient and state of
-one dtype, with every flag of the rule. :func:`unsupported_reason` says why
-other inputs are not; the optimizer then falls back to the other paths.
+one dtype on one device, steps on the CPU (as torch keeps them without
+``capturable``), with every flag of the rule. The Triton kernel computes as
+the numba kernel does (same types, correctly rounded division and square
+root). :func:`unsupported_reason` says why other inputs are not; the
+optimizer then falls back to the other paths.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from functools import cache
 from operator import attrgetter
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,12 +46,14 @@ from torch import Tensor
 from rmsprop.functional import Hyperparameters
 
 __all__ = [
-    "KernelCall",
+    "Part",
     "fused_rmsprop",
-    "kernel_calls",
     "kernel_scalars",
     "launch",
+    "missing_backend",
     "numba_available",
+    "prepare",
+    "triton_available",
     "unsupported_dtype_or_layout",
     "unsupported_reason",
 ]
@@ -60,13 +70,29 @@ _REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.floa
 _STEP_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _SUPPORTED_DTYPES = _KERNEL_TYPES.keys() | _REAL_OF_COMPLEX.keys()
 _PLAIN_TYPES = {Tensor, torch.nn.Parameter}
-_DTYPE, _SHAPE, _LAYOUT, _IS_CPU = (attrgetter(name) for name in ("dtype", "shape", "layout", "is_cpu"))
+_DTYPE, _SHAPE, _LAYOUT, _IS_CPU, _DEVICE = (attrgetter(name) for name in ("dtype", "shape", "layout", "is_cpu", "device"))
+_DEVICE_TYPES = {"cpu", "cuda"}
 
 
 @cache
 def numba_available() -> bool:
     """Whether numba can be imported (checked without importing it)."""
     return importlib.util.find_spec("numba") is not None
+
+
+@cache
+def triton_available() -> bool:
+    """Whether triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def missing_backend(device: torch.device) -> str | None:
+    """Why the fused kernel for ``device`` cannot run here (its compiler is not installed), or ``None``."""
+    if device.type == "cpu" and not numba_available():
+        return "numba is not installed (the fused path on CPU tensors is a numba kernel)"
+    if device.type == "cuda" and not triton_available():
+        return "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"
+    return None
 
 
 @cache
@@ -77,12 +103,20 @@ def _kernels() -> ModuleType:
     return _numba_kernels
 
 
+@cache
+def _triton_kernels() -> ModuleType:
+    """The Triton kernel, imported on the first fused step on CUDA tensors."""
+    from rmsprop import _triton_kernels
+
+    return _triton_kernels
+
+
 def unsupported_dtype_or_layout(tensor: Tensor, what: str) -> str | None:
     """Why the fused kernel cannot update ``tensor`` in place, or ``None`` if it can."""
     if type(tensor) not in _PLAIN_TYPES:
         return f"{what} is a {type(tensor).__name__}, not a plain tensor"
-    if tensor.device.type != "cpu":
-        return f"{what} is on {tensor.device}; the fused path runs on CPU tensors"
+    if tensor.device.type not in _DEVICE_TYPES:
+        return f"{what} is on {tensor.device}; the fused path runs on CPU and CUDA tensors"
     if tensor.layout != torch.strided:
         return f"{what} has layout {tensor.layout}, not torch.strided"
     if tensor.dtype not in _SUPPORTED_DTYPES:
@@ -105,14 +139,12 @@ def unsupported_reason(
 ) -> str | None:
     """Why :func:`fused_rmsprop` cannot take these inputs, or ``None`` if it can.
 
-    The kernel writes through raw pointers, so every tensor is checked: its
+    The kernels write through raw pointers, so every tensor is checked: its
     device, layout, dtype, contiguity and shape. The optimizer calls this on a
     group's first fused step and after any change :mod:`rmsprop.fused_cache`
     sees; in between, that module checks the new gradients and that nothing
     else changed.
     """
-    if not numba_available():
-        return "numba is not installed"
     if differentiable:
         return "differentiable=True needs autograd through the step"
     if capturable:
@@ -122,9 +154,13 @@ def unsupported_reason(
         buffers["'grad_avg'"] = grad_avgs
     if momentum_buffers:
         buffers["'momentum_buffer'"] = momentum_buffers
-    if _all_supported(params, list(buffers.values()), state_steps):
-        return None
-    return _first_unsupported(params, buffers, state_steps)
+    if not _all_supported(params, list(buffers.values()), state_steps):
+        return _first_unsupported(params, buffers, state_steps)
+    for device in set(map(_DEVICE, params)):
+        reason = missing_backend(device)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_steps: list[Tensor]) -> bool:
@@ -132,15 +168,17 @@ def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_step
     for tensors in (params, *buffers):
         if not (
             set(map(type, tensors)) <= _PLAIN_TYPES
-            and all(map(_IS_CPU, tensors))
             and set(map(_LAYOUT, tensors)) <= {torch.strided}
             and all(map(Tensor.is_contiguous, tensors))
         ):
             return False
-    dtypes, shapes = list(map(_DTYPE, params)), list(map(_SHAPE, params))
-    if not set(dtypes) <= _SUPPORTED_DTYPES:
+    dtypes, shapes, devices = list(map(_DTYPE, params)), list(map(_SHAPE, params)), list(map(_DEVICE, params))
+    if not (set(dtypes) <= _SUPPORTED_DTYPES and {device.type for device in set(devices)} <= _DEVICE_TYPES):
         return False
-    if any(list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes for tensors in buffers):
+    if any(
+        list(map(_DTYPE, tensors)) != dtypes or list(map(_SHAPE, tensors)) != shapes or list(map(_DEVICE, tensors)) != devices
+        for tensors in buffers
+    ):
         return False
     return (
         set(map(_DTYPE, state_steps)) <= _STEP_TYPES.keys()
@@ -159,6 +197,8 @@ def _first_unsupported(params: list[Tensor], buffers: dict[str, list[Tensor]], s
                 reason = f"the {what} of parameter {i} is {tensor.dtype}, the parameter {param.dtype}"
             if reason is None and tensor.shape != param.shape:
                 reason = f"the {what} of parameter {i} has shape {tuple(tensor.shape)}, the parameter {tuple(param.shape)}"
+            if reason is None and tensor.device != param.device:
+                reason = f"the {what} of parameter {i} is on {tensor.device}, the parameter on {param.device}"
             reason = reason or unsupported_dtype_or_layout(tensor, f"the {what} of parameter {i}")
         step = state_steps[i]
         if reason is None and not (step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1):
@@ -168,66 +208,46 @@ def _first_unsupported(params: list[Tensor], buffers: dict[str, list[Tensor]], s
     return None
 
 
-class KernelCall(NamedTuple):
-    """One kernel launch: the tensors of one (parameter dtype, step dtype) pair, as addresses.
-
-    Everything but the gradients' addresses, so that a group whose tensors
-    have not changed can launch again with new gradients (see
-    :mod:`rmsprop.fused_cache`).
-    """
+class Part(NamedTuple):
+    """The tensors of one kernel launch: one device, one parameter dtype, one step dtype."""
 
     positions: list[int] | None  # of the step's tensors; None: all of them
-    storage: type  # numpy type the kernel sees the elements as
-    compute: type  # numpy type the rule is computed in
-    step_type: type  # numpy type of the 'step' tensors
-    sizes: np.ndarray  # elements per tensor (complex: twice the numel)
-    params: np.ndarray
-    square_avgs: np.ndarray
-    grad_avgs: np.ndarray | None
-    momentum_buffers: np.ndarray | None
-    steps: np.ndarray
+    backend: Backend
+    prepared: Any  # what backend.prepare made of them
 
 
-def kernel_calls(
+def prepare(
     params: list[Tensor],
     square_avgs: list[Tensor],
     grad_avgs: list[Tensor],
     momentum_buffers: list[Tensor],
     state_steps: list[Tensor],
-) -> list[KernelCall]:
-    """The kernel launches that step these tensors: one per dtype pair.
+) -> list[Part]:
+    """What the kernels need to step these tensors, but the gradients: one part per launch.
 
-    ``grad_avgs`` and ``momentum_buffers`` are empty where the rule does not
-    use them. The inputs must pass :func:`unsupported_reason`.
+    Kept between steps by :mod:`rmsprop.fused_cache`. ``grad_avgs`` and
+    ``momentum_buffers`` are empty where the rule does not use them. The
+    inputs must pass :func:`unsupported_reason`.
     """
-    calls = []
-    for (dtype, step_dtype), positions in _split_by_dtype(params, state_steps):
+    parts = []
+    for (device, _, _), positions in _split_by_device_and_dtype(params, state_steps):
 
-        def addresses(tensors: list[Tensor]) -> np.ndarray | None:
-            if not tensors:
-                return None
-            chosen = tensors if positions is None else [tensors[i] for i in positions]
-            return np.fromiter(map(Tensor.data_ptr, chosen), np.int64, len(chosen))
+        def chosen(tensors: list[Tensor]) -> list[Tensor]:
+            return tensors if positions is None or not tensors else [tensors[i] for i in positions]
 
-        chosen_params = params if positions is None else [params[i] for i in positions]
-        # Complex tensors are updated as pairs of reals, like the for-loop path.
-        sizes = np.fromiter(map(Tensor.numel, chosen_params), np.int64, len(chosen_params))
-        storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
-        calls.append(
-            KernelCall(
-                positions,
-                storage,
-                compute,
-                _STEP_TYPES[step_dtype],
-                sizes * (2 if dtype.is_complex else 1),
-                addresses(params),
-                addresses(square_avgs),
-                addresses(grad_avgs),
-                addresses(momentum_buffers),
-                addresses(state_steps),
-            )
-        )
-    return calls
+        backend = _BACKENDS[device.type]
+        lists = map(chosen, (params, square_avgs, grad_avgs, momentum_buffers, state_steps))
+        parts.append(Part(positions, backend, backend.prepare(*lists)))
+    return parts
+
+
+def launch(parts: list[Part], params: list[Tensor], grads: list[Tensor], hp: Hyperparameters) -> None:
+    """Step ``params`` (and their state, as :func:`prepare` made ``parts`` of them) with these gradients."""
+    for part in parts:
+        chosen = grads if part.positions is None else [grads[i] for i in part.positions]
+        part.backend.run(part.prepared, chosen, hp)
+    # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
+    torch.autograd.graph.increment_version(params)
 
 
 def fused_rmsprop(
@@ -239,44 +259,100 @@ def fused_rmsprop(
     state_steps: list[Tensor],
     hp: Hyperparameters,
 ) -> None:
-    """Apply one RMSProp step in place, in one kernel call per dtype.
+    """Apply one RMSProp step in place, in one kernel call per device and dtype.
 
     Same contract as :func:`rmsprop.functional.rmsprop`; the inputs must pass
     :func:`unsupported_reason`.
     """
     if params:
-        calls = kernel_calls(
-            params, square_avgs, grad_avgs if hp.centered else [], momentum_buffers if hp.momentum > 0 else [], state_steps
-        )
-        launch(calls, params, grads, hp)
+        used = (grad_avgs if hp.centered else [], momentum_buffers if hp.momentum > 0 else [])
+        launch(prepare(params, square_avgs, *used, state_steps), params, grads, hp)
 
 
-def launch(calls: list[KernelCall], params: list[Tensor], grads: list[Tensor], hp: Hyperparameters) -> None:
-    """Run ``calls`` (from :func:`kernel_calls` on ``params`` and their state) with these gradients."""
+class NumbaCall(NamedTuple):
+    """One numba kernel call over CPU tensors of one dtype, but the gradients' addresses."""
+
+    storage: type  # numpy type the kernel sees the elements as
+    compute: type  # numpy type the rule is computed in
+    step_type: type  # numpy type of the 'step' tensors
+    sizes: np.ndarray  # elements per tensor (complex: twice the numel)
+    params: np.ndarray
+    square_avgs: np.ndarray
+    grad_avgs: np.ndarray | None
+    momentum_buffers: np.ndarray | None
+    steps: np.ndarray
+
+
+def _numba_call(
+    params: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+) -> NumbaCall:
+    dtype = params[0].dtype
+    storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
+    # Complex tensors are updated as pairs of reals, like the for-loop path.
+    sizes = np.fromiter(map(Tensor.numel, params), np.int64, len(params)) * (2 if dtype.is_complex else 1)
+    return NumbaCall(
+        storage,
+        compute,
+        _STEP_TYPES[state_steps[0].dtype],
+        sizes,
+        _addresses(params),
+        _addresses(square_avgs),
+        _addresses(grad_avgs) if grad_avgs else None,
+        _addresses(momentum_buffers) if momentum_buffers else None,
+        _addresses(state_steps),
+    )
+
+
+def _run_numba(call: NumbaCall, grads: list[Tensor], hp: Hyperparameters) -> None:
     kernels = _kernels()
     _match_torch_threads()
-    lr = float(hp.lr)
-    for call in calls:
-        chosen = grads if call.positions is None else [grads[i] for i in call.positions]
-        kernels.rmsprop_step(
-            call.params,
-            np.fromiter(map(Tensor.data_ptr, chosen), np.int64, len(chosen)),
-            call.square_avgs,
-            call.grad_avgs,
-            call.momentum_buffers,
-            call.sizes,
-            call.steps,
-            np.empty(0, call.storage),
-            np.empty(0, call.step_type),
-            kernel_scalars(hp, lr, call.compute),
-            float(hp.alpha),
-            hp.weight_decay != 0 and not hp.decoupled_weight_decay,
-            hp.bias_correction,
-            hp.nesterov,
-            hp.lr_in_momentum,
-        )
-    # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
-    torch.autograd.graph.increment_version(params)
+    kernels.rmsprop_step(
+        call.params,
+        _addresses(grads),
+        call.square_avgs,
+        call.grad_avgs,
+        call.momentum_buffers,
+        call.sizes,
+        call.steps,
+        np.empty(0, call.storage),
+        np.empty(0, call.step_type),
+        kernel_scalars(hp, float(hp.lr), call.compute),
+        float(hp.alpha),
+        hp.weight_decay != 0 and not hp.decoupled_weight_decay,
+        hp.bias_correction,
+        hp.nesterov,
+        hp.lr_in_momentum,
+    )
+
+
+def _addresses(tensors: list[Tensor]) -> np.ndarray:
+    return np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
+
+
+def _tensor_lists(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
+    return lists
+
+
+def _run_triton(lists: tuple[list[Tensor], ...], grads: list[Tensor], hp: Hyperparameters) -> None:
+    """One Triton launch (see :func:`rmsprop._triton_kernels.rmsprop_step`)."""
+    params, *state = lists
+    _triton_kernels().rmsprop_step(params, grads, *state, hp, float(hp.lr))
+
+
+class Backend(NamedTuple):
+    """A device type's kernel: ``prepare`` takes what stays between steps, ``run`` steps with gradients."""
+
+    prepare: Callable[..., Any]
+    run: Callable[[Any, list[Tensor], Hyperparameters], None]
+
+
+# The kernel for each device type that unsupported_reason accepts. The Triton
+# launcher builds its table of addresses at every launch: nothing is kept.
+_BACKENDS = {"cpu": Backend(_numba_call, _run_numba), "cuda": Backend(_tensor_lists, _run_triton)}
 
 
 def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:
@@ -302,14 +378,13 @@ def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:
     return scalars
 
 
-def _split_by_dtype(params: list[Tensor], state_steps: list[Tensor]) -> list[tuple[tuple, list[int] | None]]:
-    """((parameter dtype, step dtype), positions) for each kernel call; ``None`` means all."""
-    param_dtypes, step_dtypes = set(map(_DTYPE, params)), set(map(_DTYPE, state_steps))
-    if len(param_dtypes) == len(step_dtypes) == 1:
-        return [((param_dtypes.pop(), step_dtypes.pop()), None)]
-    kinds = list(zip(map(_DTYPE, params), map(_DTYPE, state_steps), strict=True))
+def _split_by_device_and_dtype(params: list[Tensor], state_steps: list[Tensor]) -> list[tuple[tuple, list[int] | None]]:
+    """((device, parameter dtype, step dtype), positions) for each kernel call; ``None`` means all."""
+    kinds = (set(map(_DEVICE, params)), set(map(_DTYPE, params)), set(map(_DTYPE, state_steps)))
+    if all(len(kind) == 1 for kind in kinds):
+        return [(tuple(kind.pop() for kind in kinds), None)]
     positions: dict[tuple, list[int]] = {}
-    for i, kind in enumerate(kinds):
+    for i, kind in enumerate(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, state_steps), strict=True)):
         positions.setdefault(kind, []).append(i)
     return list(positions.items())
 

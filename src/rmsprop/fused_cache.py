@@ -5,7 +5,7 @@ about 5 us per tensor: with 1000 tensors of 4096 elements, 5 ms against the
 kernel's 2 ms. Between two steps of a training loop usually only the
 gradients change (``zero_grad`` sets them to ``None``, backward makes new
 ones), so :class:`FusedGroupCache` keeps the params, their state and the
-kernel calls (:func:`rmsprop.fused.kernel_calls`), and a step re-reads only
+kernel launches (:func:`rmsprop.fused.prepare`), and a step re-reads only
 what may have changed behind the optimizer's back, one C-level pass over the
 tensors per property:
 
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rmsprop.fused import KernelCall, kernel_calls
+from rmsprop.fused import Part, prepare
 
 __all__ = ["FusedGroupCache"]
 
@@ -44,7 +44,7 @@ _PLAIN_TYPES = {Tensor, torch.nn.Parameter}
 
 
 class FusedGroupCache:
-    """The tensors of a fused group's step and their kernel calls, valid while they are unchanged."""
+    """The tensors of a fused group's step on CPU and its prepared launches, valid while they are unchanged."""
 
     def __init__(
         self,
@@ -74,7 +74,7 @@ class FusedGroupCache:
         self._shapes = list(map(_SHAPE, params))
         self._dtypes = list(map(_DTYPE, params))
         self._one_dtype = {self._dtypes[0]} if len(set(self._dtypes)) == 1 else None
-        self.calls: list[KernelCall] = kernel_calls(
+        self.parts: list[Part] = prepare(
             params, square_avgs, grad_avgs if group["centered"] else [], momentum_buffers, state_steps
         )
 

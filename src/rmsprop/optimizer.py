@@ -19,7 +19,7 @@ from torch.optim.optimizer import (
 
 from rmsprop import state_precision as low_precision
 from rmsprop.functional import Hyperparameters, rmsprop
-from rmsprop.fused import launch, numba_available, unsupported_dtype_or_layout, unsupported_reason
+from rmsprop.fused import launch, missing_backend, unsupported_dtype_or_layout, unsupported_reason
 from rmsprop.fused_cache import FusedGroupCache
 from rmsprop.presets import preset_settings
 from rmsprop.validation import check_settings
@@ -99,14 +99,15 @@ class RMSprop(Optimizer):
             converts its state at the next step (default: "full").
         min_8bit_size (int): with ``"8bit"``, tensors with fewer elements
             keep fp32 state (default: 4096, as bitsandbytes).
-        fused (bool, optional): the one-pass CPU kernel of
-            :mod:`rmsprop.fused` (numba), several times faster than the other
-            paths, equal to them within rounding of the compute type. ``None``
-            takes it where it supports the tensors (dense contiguous CPU
-            tensors of float or complex dtype) and ``foreach`` is ``None``;
-            ``True`` requires it (default: None). Under ``torch.compile`` the
-            step is traced through the torch ops instead, which the compiler
-            fuses itself.
+        fused (bool, optional): the one-pass kernel of :mod:`rmsprop.fused`
+            (numba on CPU, Triton on CUDA), several times faster than the
+            other paths on CPU, equal to them within rounding of the compute
+            type. ``None`` takes it where it supports the tensors (dense
+            contiguous CPU or CUDA tensors of float or complex dtype, with
+            numba or triton installed) and ``foreach`` is ``None``; ``True``
+            requires it (default: None). Under ``torch.compile`` the step is
+            traced through the torch ops instead, which the compiler fuses
+            itself.
 
     Non-finite gradients are not filtered: like ``torch.optim``, NaN and inf
     propagate into the parameters. ``torch.amp.GradScaler`` is the tool that
@@ -391,7 +392,8 @@ class RMSprop(Optimizer):
             tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *tensors)
             fused = _use_fused(group, tensors)
-            if fused:
+            # CUDA launches are asynchronous: the Python work overlaps the GPU's, and stays uncached.
+            if fused and all(p.is_cpu for p in tensors[0]):
                 params, _, square_avgs, grad_avgs, momentum_buffers, steps = tensors
                 self._fused_caches[group_index] = FusedGroupCache(
                     group, self.state, params, square_avgs, grad_avgs, momentum_buffers, steps
@@ -404,7 +406,7 @@ class RMSprop(Optimizer):
             group = self.param_groups[group_index]
             if group_index in cached_gradients:
                 cache = self._fused_caches[group_index]
-                launch(cache.calls, cache.params, cached_gradients[group_index], Hyperparameters.from_group(group))
+                launch(cache.parts, cache.params, cached_gradients[group_index], Hyperparameters.from_group(group))
                 continue
             if tensors is None:
                 self._step_low_precision(group_index)
@@ -454,10 +456,8 @@ _FACTORY_DEFAULTS = {
 
 
 def _check_fused_params(params: list[Tensor]) -> None:
-    if not numba_available():
-        raise ValueError("Invalid fused: True (fused=True needs numba; pip install numba, or use fused=None)")
     for i, param in enumerate(params):
-        reason = unsupported_dtype_or_layout(param, f"parameter {i}")
+        reason = unsupported_dtype_or_layout(param, f"parameter {i}") or missing_backend(param.device)
         if reason is not None:
             raise ValueError(f"Invalid fused: True ({reason}; fused=None falls back to the other paths)")
 

@@ -1,0 +1,309 @@
+"""The Triton kernel of the fused CUDA path (rmsprop._triton_kernels).
+
+Without a GPU, the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``
+while its module is imported), which executes the same kernel source with
+NumPy on CPU tensors. The ``triton_on_cpu`` fixture hands the fused path's CPU
+tensors to the Triton launcher instead of numba, so ``RMSprop(fused=True)``
+steps through the Triton kernel, and the checks of tests/test_fused.py apply
+with its tolerances: against torch's for-loop path (float32 every flag
+combination; bfloat16/float16 against the float32 for-loop rounded each step;
+complex) and the NumPy reference (float64, every flag combination). The
+interpreter takes about 0.1 ms per operation per block, so the blocks are
+small (64 elements, one per program; 32, two per program where the loop over
+a program's blocks is under test): a tensor of 70 elements spans several
+programs.
+
+With a GPU (never in CI), the kernel is compiled for it instead and the CUDA
+tests check the dispatch of ``RMSprop`` on CUDA tensors against the for-loop
+path on the same tensors; the interpreter tests are skipped there. The
+interpreter cannot show GPU-only rounding (fused multiply-adds), which the
+float32 tolerance covers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import rmsprop.fused  # noqa: E402
+from rmsprop import RMSprop  # noqa: E402
+from rmsprop.functional import Hyperparameters  # noqa: E402
+from test_fused import (  # noqa: E402
+    FLAG_COMBINATIONS,
+    _check_float64_against_reference,
+    _check_low_precision,
+    _combination_id,
+    _fused_and_loop,
+    _settings,
+    _state_tensors,
+)
+
+CUDA = torch.cuda.is_available()
+
+
+def _import_kernels(interpret: bool):
+    """``rmsprop._triton_kernels``; with ``interpret``, its kernel is defined for the interpreter."""
+    if not interpret:
+        from rmsprop import _triton_kernels
+
+        return _triton_kernels
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs, at import
+    try:
+        from rmsprop import _triton_kernels
+
+        return _triton_kernels
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+kernels = _import_kernels(interpret=not CUDA)
+
+# A tensor over several programs and one of no elements; the second skips step 2 (see test_fused).
+SHAPES = [(3, 5), (70,), (0,)]
+# A few flag combinations where the dtype, not the rule, is under test.
+SOME_COMBINATIONS = [
+    FLAG_COMBINATIONS[0],
+    FLAG_COMBINATIONS[-1],
+    {**FLAG_COMBINATIONS[0], "centered": True, "bias_correction": True, "weight_decay": 0.2},
+    {**FLAG_COMBINATIONS[0], "eps_in_sqrt": True, "momentum": 0.8, "nesterov": True},
+]
+
+interpreter_only = pytest.mark.skipif(CUDA, reason="the kernel is compiled for the GPU here; see the CUDA tests")
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """The fused path's CPU tensors go to the Triton kernel (in the interpreter), not to numba.
+
+    Yields the chunking of the launches, which a test may change.
+    """
+    calls = []
+    chunking = {"block": 64, "blocks_per_chunk": 1}
+
+    def triton_step(lists, grads, hp):
+        calls.append(1)
+        params, *state = lists
+        kernels.rmsprop_step(params, grads, *state, hp, float(hp.lr), **chunking)
+
+    cuda = rmsprop.fused._BACKENDS["cuda"]
+    monkeypatch.setitem(rmsprop.fused._BACKENDS, "cpu", cuda._replace(run=triton_step))
+    yield chunking
+    assert calls, "the Triton kernel was not called"
+
+
+@pytest.fixture
+def two_blocks_per_program(triton_on_cpu):
+    triton_on_cpu.update(block=32, blocks_per_chunk=2)
+
+
+@interpreter_only
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+def test_float32_equals_for_loop_for_every_flag_combination(triton_on_cpu, flags):
+    fused, loop = _fused_and_loop(flags, torch.float32, torch.float32, shapes=SHAPES)
+    assert len(fused) == len(loop)
+    for actual, expected in zip(fused, loop, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@interpreter_only
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+def test_float64_equals_numpy_reference_for_every_flag_combination(triton_on_cpu, flags):
+    _check_float64_against_reference(flags, [(3, 5), (7,)])
+
+
+@interpreter_only
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 2**-6), (torch.float16, 2**-9)], ids=str)
+@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=_combination_id)
+def test_low_precision_equals_float32_for_loop_rounded_each_step(two_blocks_per_program, flags, dtype, rtol):
+    shapes = [*SHAPES, ()]
+    _check_low_precision(_fused_and_loop(flags, dtype, torch.float32, round_each_step=True, shapes=shapes), dtype, rtol)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=_combination_id)
+def test_complex_equals_for_loop(two_blocks_per_program, flags, dtype):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (40,)]  # 80 reals: two programs
+    start = [torch.randn(shape, dtype=dtype, generator=generator) for shape in shapes]
+    gradients = [[torch.randn(shape, dtype=dtype, generator=generator) for shape in shapes] for _ in range(3)]
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = RMSprop(params, fused=fused, foreach=None if fused else False, **_settings(flags))
+        for step_gradients in gradients:
+            for p, g in zip(params, step_gradients, strict=True):
+                p.grad = g
+            optimizer.step()
+        results.append(_state_tensors(optimizer, params))
+    for actual, expected in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@interpreter_only
+def test_bfloat16_is_rounded_to_nearest_even_like_torch(triton_on_cpu):
+    """Exact, as for the numba kernel: one float32 result per element, rounded once (ties to even; NaN)."""
+    generator = torch.Generator().manual_seed(0)
+    grad = (torch.randn(256, generator=generator) * torch.logspace(-6, 3, 256)).to(torch.bfloat16)
+    square_avg = torch.rand(256, generator=generator).to(torch.bfloat16)
+    grad[0] = float("nan")
+    param = torch.nn.Parameter(torch.randn(256, generator=generator).to(torch.bfloat16), requires_grad=False)
+    param.grad = grad
+    optimizer = RMSprop([param], lr=0.0, alpha=0.5, fused=True)
+    optimizer.state[param].update(step=torch.zeros(()), square_avg=square_avg.clone())
+    optimizer.step()
+
+    g = grad.float()
+    expected = (torch.tensor(0.5) * square_avg.float() + torch.tensor(0.5) * (g * g)).to(torch.bfloat16)
+    actual = optimizer.state[param]["square_avg"]
+    assert torch.equal(actual.isnan(), expected.isnan())
+    assert torch.equal(actual[~actual.isnan()], expected[~expected.isnan()])
+
+
+@interpreter_only
+def test_one_launch_per_dtype_over_tensors_of_several_dtypes(triton_on_cpu, monkeypatch):
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.complex64, torch.float64]
+    launches = []
+    launch = kernels._rmsprop_kernel
+    monkeypatch.setattr(kernels, "_rmsprop_kernel", _Recorder(launch, launches))
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=generator, dtype=torch.float64).to(dtype) for dtype in dtypes]
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = RMSprop(params, fused=fused, foreach=None if fused else False, momentum=0.8, centered=True)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 + step)
+            optimizer.step()
+        results.append(_state_tensors(optimizer, params))
+    assert len(launches) == 3 * 3  # float32, float64 and complex64, at each of 3 steps
+    for actual, expected in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+class _Recorder:
+    """Counts the launches of a Triton kernel (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, launches: list) -> None:
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
+
+
+# The real dispatch, on a GPU.
+
+
+def _cuda_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3, 5), (7,), (), (0,), (70_001,), (4096,)]
+    return [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64).to(dtype).cuda()) for s in shapes]
+
+
+def _train_cuda(dtype: torch.dtype, settings: dict, **path) -> tuple[RMSprop, list[torch.nn.Parameter]]:
+    params = _cuda_params(dtype)
+    optimizer = RMSprop(params, alpha=0.9, eps=0.1, **settings, **path)
+    generator = torch.Generator().manual_seed(1)
+    for lr in (0.05, 0.02, 0.08):
+        optimizer.param_groups[0]["lr"] = lr
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(dtype).cuda()
+        optimizer.step()
+    return optimizer, params
+
+
+def _triton_launches(monkeypatch) -> list:
+    calls = []
+    cuda = rmsprop.fused._BACKENDS["cuda"]
+    monkeypatch.setitem(
+        rmsprop.fused._BACKENDS, "cuda", cuda._replace(run=lambda *args: (calls.append(1), cuda.run(*args)))
+    )
+    return calls
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64], ids=str)
+@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=_combination_id)
+def test_cuda_fused_none_takes_the_triton_kernel_and_equals_for_loop(monkeypatch, flags, dtype):
+    calls = _triton_launches(monkeypatch)
+    fused, fused_params = _train_cuda(dtype, flags)
+    assert calls
+    loop, loop_params = _train_cuda(dtype, flags, fused=False, foreach=False)
+    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@cuda_only
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 2**-6), (torch.float16, 2**-9)], ids=str)
+def test_cuda_low_precision_is_close_to_float32(dtype, rtol):
+    flags = FLAG_COMBINATIONS[-1]
+    fused, fused_params = _train_cuda(dtype, flags, fused=True)
+    loop, loop_params = _train_cuda(torch.float32, flags, fused=False, foreach=False)
+    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+        # Three steps of rounding to the storage type, against none.
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=4 * rtol, atol=4 * rtol)
+
+
+@cuda_only
+def test_cuda_step_counters_stay_on_the_cpu():
+    optimizer, params = _train_cuda(torch.float32, {}, fused=True)
+    assert all(optimizer.state[p]["step"].device.type == "cpu" and optimizer.state[p]["step"] == 3 for p in params)
+
+
+@cuda_only
+def test_cuda_capturable_falls_back_to_foreach(monkeypatch):
+    calls = _triton_launches(monkeypatch)
+    _train_cuda(torch.float32, {"capturable": True})
+    assert not calls
+    with pytest.raises(ValueError, match="Invalid fused: True .*capturable=True"):
+        RMSprop(_cuda_params(torch.float32), fused=True, capturable=True)
+
+
+@cuda_only
+def test_cuda_fused_true_without_triton_names_the_argument(monkeypatch):
+    monkeypatch.setattr(rmsprop.fused, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match="Invalid fused: True .*triton is not installed"):
+        RMSprop(_cuda_params(torch.float32), fused=True)
+    calls = _triton_launches(monkeypatch)
+    _train_cuda(torch.float32, {})  # fused=None: torch's foreach path
+    assert not calls
+
+
+def test_triton_kernel_module_is_imported_only_for_a_cuda_step():
+    """Importing rmsprop, or a CPU step, does not import the kernel module.
+
+    (torch imports triton itself, when installed, as it loads torch._dynamo.)
+    """
+    script = (
+        "import sys, torch\n"
+        "from rmsprop import RMSprop\n"
+        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+        "RMSprop([p]).step()\n"
+        "print('rmsprop._triton_kernels' in sys.modules)\n"
+    )
+    import subprocess
+    import sys
+
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "False"
+
+
+def test_rmsprop_step_increments_steps_even_without_elements():
+    """Empty tensors make no programs (and no launch) but count their step, as torch does."""
+    params, grads, square_avgs = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
+    steps = [torch.zeros(())]
+    hp = Hyperparameters.from_group(RMSprop([torch.nn.Parameter(torch.ones(1))]).defaults)
+    kernels.rmsprop_step(params, grads, square_avgs, [], [], steps, hp, 0.01)
+    assert steps[0].item() == 1

@@ -94,14 +94,18 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "encode_state",
+    "holds_group_layout",
     "is_in_format",
     "mean_weight",
     "quantize_blockwise",
-    "rounding_generator",
+    "rounding_bits",
+    "rounding_seed",
     "state_bytes",
     "step_encoded",
     "stochastic_round_bf16",
+    "stored_keys",
     "target_format",
+    "uniform_noise",
 ]
 
 BLOCK_SIZE = 256
@@ -176,19 +180,62 @@ def _lower_index(qmap: Tensor, x: Tensor) -> Tensor:
     return below.add_(torch.index_select(qmap, 0, below) < x).clamp_(1, qmap.numel() - 1).sub_(1)
 
 
+# SplitMix64 (Steele, Lea and Flood, 2014; the reference C code is Vigna's splitmix64.c):
+# the generator's state advances by _GAMMA and each output is _mix64 of the state.
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX_1 = 0xBF58476D1CE4E5B9
+_MIX_2 = 0x94D049BB133111EB
+_UINT64 = (1 << 64) - 1
+
+
 def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    """The first output of SplitMix64 from state ``value``."""
+    value = (value + _GAMMA) & _UINT64
+    value = ((value ^ (value >> 30)) * _MIX_1) & _UINT64
+    value = ((value ^ (value >> 27)) * _MIX_2) & _UINT64
     return value ^ (value >> 31)
 
 
-def rounding_generator(param_index: int, key: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of the rounding noise of buffer ``key`` of parameter ``param_index`` at ``step``."""
+def rounding_seed(param_index: int, key: str, step: int) -> int:
+    """The seed (64 bits) of the rounding noise of buffer ``key`` of parameter ``param_index`` at ``step``."""
     seed = _splitmix64(param_index)
     seed = _splitmix64(seed ^ STORED.index(key))
-    seed = _splitmix64(seed ^ step)
-    return torch.Generator(device=device).manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    return _splitmix64(seed ^ step)
+
+
+def _int64(value: int) -> int:
+    """An unsigned 64-bit value as the signed int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def rounding_bits(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+    """64 random bits (int64) per element: element ``i`` of the flattened shape gets output ``i + 1`` of
+    SplitMix64 from state ``seed``.
+
+    Counter-based, so any element's bits can be computed on their own: the
+    fused kernel (:mod:`rmsprop._numba_kernels`) draws the same bits for the
+    same element, block by block. int64 arithmetic wraps as uint64 does.
+    """
+    numel = math.prod(shape)
+    x = torch.arange(1, numel + 1, dtype=torch.int64, device=device) * _int64(_GAMMA) + _int64(seed)
+    x = (x ^ _shift_right(x, 30)) * _int64(_MIX_1)
+    x = (x ^ _shift_right(x, 27)) * _int64(_MIX_2)
+    return (x ^ _shift_right(x, 31)).reshape(shape)
+
+
+def bf16_noise(bits: Tensor) -> Tensor:
+    """int32 noise uniform in ``[0, 2^16)`` for :func:`stochastic_round_bf16`: the top 16 of ``bits``."""
+    return _shift_right(bits, 48).to(torch.int32)
+
+
+def uniform_noise(bits: Tensor) -> Tensor:
+    """fp32 noise uniform in ``[0, 1)`` for :func:`quantize_blockwise`: the top 24 of ``bits``, exact in fp32."""
+    return _shift_right(bits, 40).to(torch.float32) * 2.0**-24
 
 
 def stochastic_round_bf16(x: Tensor, noise: Tensor) -> Tensor:
@@ -201,10 +248,6 @@ def stochastic_round_bf16(x: Tensor, noise: Tensor) -> Tensor:
     bits = x.contiguous().view(torch.int32)
     rounded = (bits + noise).bitwise_and_(-(1 << 16)).view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
-
-
-def bf16_noise(x: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device)
 
 
 def quantize_blockwise(x: Tensor, qmap: Tensor, uniform: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -289,6 +332,19 @@ def is_in_format(state: Mapping[str, Any], p: Tensor, fmt: str) -> bool:
     return True
 
 
+def stored_keys(state: Mapping[str, Any]) -> list[str]:
+    """The buffers held in ``state`` (each 8-bit one with its ``<key>_absmax`` beside it)."""
+    return [key for key in STORED if key in state]
+
+
+def holds_group_layout(state: Mapping[str, Any], p: Tensor, group: Mapping[str, Any], fmt: str) -> bool:
+    """Whether ``p``'s state is stored as ``fmt`` with exactly the buffers ``group``'s settings use,
+    so that a step needs neither to convert nor to create any."""
+    if not state or not is_in_format(state, p, fmt):
+        return False
+    return ("grad_avg" in state) == group["centered"] and ("momentum_buffer" in state) == (group["momentum"] > 0)
+
+
 def mean_weight(group: Mapping[str, Any], state: Mapping[str, Any]) -> float:
     """``1/c`` with bias correction ``c = 1 - alpha^t`` at the state's step, else 1.
 
@@ -339,7 +395,7 @@ def encode_state(
 
     In ``"bf16"`` and ``"8bit"`` with a ``grad_avg``, ``square_avg`` is stored
     as ``grad_variance = max(square_avg - weight * grad_avg^2, 0)``. The
-    rounding noise comes from :func:`rounding_generator` at the state's step.
+    rounding noise comes from :func:`rounding_bits` at the state's step.
     """
     stored = dict(values)
     if fmt in ("bf16", "8bit") and "grad_avg" in stored:
@@ -353,11 +409,11 @@ def encode_state(
         if fmt in ("full", "wide"):
             state[key] = value.to(_stored_dtype(p, fmt))
             continue
-        generator = rounding_generator(param_index, key, step, value.device)
+        bits = rounding_bits(rounding_seed(param_index, key, step), value.shape, value.device)
         if fmt == "bf16":
-            state[key] = stochastic_round_bf16(value.to(torch.float32), bf16_noise(value, generator))
+            state[key] = stochastic_round_bf16(value.to(torch.float32), bf16_noise(bits))
             continue
-        uniform = torch.rand(value.shape, generator=generator, device=value.device)
+        uniform = uniform_noise(bits)
         if key in _ROOTS:
             state[key], state[key + _ABSMAX] = quantize_blockwise(value.clamp(min=0).sqrt_(), UNSIGNED_MAP, uniform)
         else:

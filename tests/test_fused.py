@@ -22,6 +22,7 @@ changes the step, lr changes between steps so that ``lr_in_momentum`` does.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -422,3 +423,117 @@ def test_fused_leaves_tensors_off_the_cpu_to_the_other_paths():
     tensors = [[torch.ones(3, device="meta")] for _ in range(3)]
     reason = unsupported_reason(*tensors, [], [], [torch.zeros(())], differentiable=False, capturable=False)
     assert reason == "parameter 0 is on meta; the fused path runs on CPU tensors"
+
+
+# --- low-precision state ------------------------------------------------------------
+#
+# The fused kernels for bf16 and 8-bit state (rmsprop.fused.fused_rmsprop_encoded)
+# against the per-tensor path (fused=False: decode, torch's rule, encode), one
+# step at a time from the same stored state. Both draw the same rounding noise
+# per element (rmsprop.state_precision.rounding_bits), so they differ only
+# through float32 rounding: a few ulps in the decoded-and-updated values, which
+# moves a value across a stochastic rounding threshold with probability
+# (difference / spacing of the stored values), about 2^-16 per element for
+# bfloat16 and less for 8-bit codes. Hence, per step:
+#
+# * parameters: float32 within rtol=1e-5, atol=1e-6 and float64 within
+#   rtol=1e-12, atol=1e-14 (as above); bfloat16 and float16 within one ulp of
+#   their type (a float32 difference can tip the final rounding);
+# * bfloat16 state: within one bfloat16 ulp (rtol=2^-7) plus 1e-6 of the
+#   tensor's largest value (grad_variance = v - m^2/c is rounded at the scale
+#   of v), and at most 1% of the elements (or one) different at all;
+# * 8-bit state: codes equal or adjacent, at most 1% (or one) different; absmax within
+#   float32 rounding (rtol=1e-5);
+# * fp32 state of small tensors (min_8bit_size): as float32 parameters.
+#
+# A wrong flag, map, block boundary or noise would change most elements.
+
+LOW_PRECISION_SHAPES = [(70, 73), (80,)]  # 20 blocks, the last one partial; and one below min_8bit_size
+
+
+def _encoded_settings(flags: dict, mode: str) -> dict:
+    return {**_settings(flags), "state_precision": mode, "min_8bit_size": 4096}
+
+
+def _check_same_step(fused: RMSprop, fused_params: list, loop: RMSprop, loop_params: list) -> None:
+    for p, q in zip(fused_params, loop_params, strict=True):
+        if p.dtype == torch.float32:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        elif p.dtype == torch.float64:
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        else:
+            eps = torch.finfo(p.dtype).eps
+            torch.testing.assert_close(p, q, rtol=eps, atol=eps * q.abs().max().item())
+        state, expected = fused.state[p], loop.state[q]
+        assert set(state) == set(expected)
+        for key, value in state.items():
+            reference_value = expected[key]
+            assert value.dtype == reference_value.dtype, key
+            if value.dtype == torch.uint8:
+                difference = (value.int() - reference_value.int()).abs()
+                assert difference.max() <= 1 and _few(difference != 0), key
+            elif value.dtype == torch.bfloat16:
+                scale = reference_value.float().abs().max().item()
+                torch.testing.assert_close(value.float(), reference_value.float(), rtol=2**-7, atol=1e-6 * scale)
+                assert _few(value != reference_value), key
+            elif key.endswith("_absmax"):
+                torch.testing.assert_close(value, reference_value, rtol=1e-5, atol=0)
+            else:
+                torch.testing.assert_close(value, reference_value, rtol=1e-5, atol=1e-6)
+
+
+def _spy_on_encoded_kernels(monkeypatch) -> list[int]:
+    """How many parameters each call of the low-precision fused path got."""
+    import rmsprop.optimizer
+
+    calls = []
+    original = rmsprop.optimizer.fused_rmsprop_encoded
+
+    def spy(params, *args):
+        calls.append(len(params))
+        return original(params, *args)
+
+    monkeypatch.setattr(rmsprop.optimizer, "fused_rmsprop_encoded", spy)
+    return calls
+
+
+def _few(different: torch.Tensor) -> bool:
+    """At most 1% of the elements, or one."""
+    return different.sum().item() <= max(1, 0.01 * different.numel())
+
+
+def _step_by_step(monkeypatch, settings: dict, dtype: torch.dtype, steps: int = 6, shapes=LOW_PRECISION_SHAPES) -> None:
+    """Steps a fused optimizer; before each step a per-tensor twin loads its state; both must agree after it."""
+    calls = _spy_on_encoded_kernels(monkeypatch)
+    params = _params(dtype, shapes)
+    optimizer = RMSprop(params, fused=None, **settings)
+    for step, step_gradients in enumerate(_gradients(params, steps)):
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        twin = RMSprop(twins, fused=False, **settings)
+        twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        twin.param_groups[0]["fused"] = False  # load_state_dict takes the saved group's settings
+        for optimizer_, params_ in ((optimizer, params), (twin, twins)):
+            for group in optimizer_.param_groups:
+                group["lr"] = LRS[step % len(LRS)]
+            for p, g in zip(params_, step_gradients, strict=True):
+                p.grad = None if g is None else g.to(dtype)
+        optimizer.step()
+        fused_count = calls.pop(0)
+        twin.step()
+        assert calls.pop(0) == 0
+        _check_same_step(optimizer, params, twin, twins)
+        # The first step creates the state, per tensor; then every parameter with a gradient is fused.
+        assert fused_count == (0 if step == 0 else sum(g is not None for g in step_gradients))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+def test_fused_encoded_state_equals_the_per_tensor_path_step_by_step(monkeypatch, flags, mode):
+    _step_by_step(monkeypatch, _encoded_settings(flags, mode), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::7], ids=_combination_id)
+def test_fused_encoded_state_of_other_parameter_dtypes_equals_the_per_tensor_path(monkeypatch, flags, mode, dtype):
+    _step_by_step(monkeypatch, _encoded_settings(flags, mode), dtype)

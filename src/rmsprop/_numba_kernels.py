@@ -36,6 +36,8 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
+from rmsprop.state_precision import BLOCK_SIZE, KEY_SHIFT, STORED
+
 # numba's own thread pool, unless the user chose one. Its OpenMP layer runs a
 # second OpenMP pool beside torch's, and the two spin against each other: on
 # 2 cores a fused step of 4M parameters next to torch matmuls took 8.1-10.1 ms
@@ -300,9 +302,10 @@ def rmsprop_step(
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
-# Indices of the buffer names in rmsprop.state_precision.STORED, which seed the noise.
-GRAD_AVG_KEY, MOMENTUM_KEY, SQUARE_AVG_KEY, GRAD_VARIANCE_KEY = range(4)
-BLOCK_SIZE = 256
+# Indices of the buffer names in STORED, which seed the noise.
+GRAD_AVG_KEY, MOMENTUM_KEY, SQUARE_AVG_KEY, GRAD_VARIANCE_KEY = map(
+    STORED.index, ("grad_avg", "momentum_buffer", "square_avg", "grad_variance")
+)
 
 
 @njit(inline="always")
@@ -460,19 +463,16 @@ def rmsprop_step_bf16(
 
 
 @njit(inline="always")
-def _lower_index(qmap, x):
-    """``i`` in [0, 254] with ``qmap[i] < x <= qmap[i+1]``, or the nearest end of the 256 sorted values."""
-    below = 0  # how many values are below x, by binary search
-    half = 128
-    while half > 0:
-        if qmap[below + half - 1] < x:
-            below += half
-        half >>= 1
+def _lower_index(qmap, table, x):
+    """``i`` in [0, 254] with ``qmap[i] < x <= qmap[i+1]``, or the nearest end of the map: the
+    lookup of rmsprop.state_precision._lower_index, in its table (``interval_table``)."""
+    below = table[_bits_from_float32(x) >> np.uint32(KEY_SHIFT)]
+    below += np.int32(qmap[below] < x)
     return min(max(below, 1), 255) - 1
 
 
 @njit(inline="always")
-def _encode_block(values, count, codes, absmaxes, block, qmap, seed, first_index):
+def _encode_block(values, count, codes, absmaxes, block, qmap, table, seed, first_index):
     """rmsprop.state_precision.quantize_blockwise of one block, with the noise of its elements."""
     absmax = np.float32(0)
     for i in range(count):
@@ -484,11 +484,11 @@ def _encode_block(values, count, codes, absmaxes, block, qmap, seed, first_index
     divisor = absmax if absmax > 0 else np.float32(1)
     for i in range(count):
         scaled = values[i] / divisor
-        lower = _lower_index(qmap, scaled)
+        lower = _lower_index(qmap, table, scaled)
         low = qmap[lower]
         fraction = (scaled - low) / (qmap[lower + 1] - low)
         uniform = np.float32(_random_bits(seed, first_index + i) >> np.uint64(40)) * np.float32(2.0**-24)
-        codes[i] = lower + 1 if uniform < fraction else lower
+        codes[i] = lower + np.int32(uniform < fraction)  # branch-free: a coin flip
 
 
 @njit(parallel=True, cache=True)
@@ -513,14 +513,17 @@ def rmsprop_step_8bit(
     nesterov,
     lr_in_momentum,
     signed_map,
+    signed_table,
     unsigned_map,
+    unsigned_table,
 ):
     """:func:`rmsprop_step` with the state as blockwise 8-bit codes (rmsprop.state_precision).
 
     Each buffer is two address arrays: its ``uint8`` codes and its float32
     absmax per block of :data:`BLOCK_SIZE`. ``square_avgs`` holds
     ``sqrt(square_avg)``, or with ``grad_avgs`` ``sqrt(grad_variance)``, with
-    ``unsigned_map``; the others use ``signed_map``. Per block: decode,
+    ``unsigned_map``; the others use ``signed_map`` (each with its
+    ``interval_table``). Per block: decode,
     apply the rule, keep the new values in fp32, reduce their absmax, encode.
     Chunks start at multiples of ``CHUNK``, so blocks never straddle them.
     """
@@ -571,14 +574,16 @@ def rmsprop_step_8bit(
             if momentum_buffers is not None:
                 b_block = b_codes[first : first + count]
             for i in range(count):
-                root = unsigned_map[v_block[i]] * v_absmax[block]
+                # Decoded in fp32, then computed in the compute type, as the per-tensor
+                # path does (adding zero widens to float64, and is exact for float32).
+                root = zero + unsigned_map[v_block[i]] * v_absmax[block]
                 v = root * root
                 m = b = zero
                 if grad_avgs is not None:
-                    m = signed_map[m_block[i]] * m_absmax[block]
+                    m = zero + signed_map[m_block[i]] * m_absmax[block]
                     v = v + weight_before * (m * m)
                 if momentum_buffers is not None:
-                    b = signed_map[b_block[i]] * b_absmax[block]
+                    b = zero + signed_map[b_block[i]] * b_absmax[block]
                 p, v, m, b = _rule(
                     _widen(p_block[i]),
                     _widen(g_block[i]),
@@ -599,11 +604,11 @@ def rmsprop_step_8bit(
                     new_b[i] = b
                 # sqrt(max(v, 0)), NaN staying NaN, as torch's clamp_min and sqrt.
                 new_v[i] = np.sqrt(v - v if v < 0 else v)
-            _encode_block(new_v, count, v_block, v_absmax, block, unsigned_map, seeds[tensor, 0], first)
+            _encode_block(new_v, count, v_block, v_absmax, block, unsigned_map, unsigned_table, seeds[tensor, 0], first)
             if grad_avgs is not None:
-                _encode_block(new_m, count, m_block, m_absmax, block, signed_map, seeds[tensor, 1], first)
+                _encode_block(new_m, count, m_block, m_absmax, block, signed_map, signed_table, seeds[tensor, 1], first)
             if momentum_buffers is not None:
-                _encode_block(new_b, count, b_block, b_absmax, block, signed_map, seeds[tensor, 2], first)
+                _encode_block(new_b, count, b_block, b_absmax, block, signed_map, signed_table, seeds[tensor, 2], first)
 
 
 @njit(parallel=True, cache=True)

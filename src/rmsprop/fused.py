@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from rmsprop.functional import Hyperparameters
-from rmsprop.state_precision import SIGNED_MAP, UNSIGNED_MAP, num_blocks, stored_keys
+from rmsprop.state_precision import SIGNED_MAP, UNSIGNED_MAP, interval_table, num_blocks, stored_keys
 
 __all__ = [
     "encoded_unsupported_reason",
@@ -330,8 +330,8 @@ def fused_rmsprop_encoded(
                 np.empty(0, _STEP_TYPES[step_dtype]),
                 kernel_scalars(hp, lr, compute),
                 *flags,
-                _MAPS["signed"],
-                _MAPS["unsigned"],
+                *_MAPS["signed"],
+                *_MAPS["unsigned"],
             )
         else:
             state_storage = np.uint16 if fmt == "bf16" else np.float32
@@ -351,7 +351,11 @@ def fused_rmsprop_encoded(
     torch.autograd.graph.increment_version(params)
 
 
-_MAPS = {"signed": SIGNED_MAP.numpy(), "unsigned": UNSIGNED_MAP.numpy()}
+# Each map with the table of its code lookup.
+_MAPS = {
+    "signed": (SIGNED_MAP.numpy(), interval_table(SIGNED_MAP).numpy()),
+    "unsigned": (UNSIGNED_MAP.numpy(), interval_table(UNSIGNED_MAP).numpy()),
+}
 
 
 def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:

@@ -86,6 +86,7 @@ from rmsprop.functional import Hyperparameters, rmsprop
 
 __all__ = [
     "BLOCK_SIZE",
+    "KEY_SHIFT",
     "SIGNED_MAP",
     "UNSIGNED_MAP",
     "bf16_noise",
@@ -95,6 +96,7 @@ __all__ = [
     "dynamic_map",
     "encode_state",
     "holds_group_layout",
+    "interval_table",
     "is_in_format",
     "mean_weight",
     "quantize_blockwise",
@@ -151,14 +153,14 @@ UNSIGNED_MAP = dynamic_map(signed=False)
 # bits, selects an interval 2^-10 wide (relative) that holds at most one map
 # value, so the count of map values below the interval, plus one comparison,
 # gives the map index.
-_KEY_SHIFT = 13
-_KEY_MASK = (1 << (32 - _KEY_SHIFT)) - 1
+KEY_SHIFT = 13
+_KEY_MASK = (1 << (32 - KEY_SHIFT)) - 1
 
 
 def _interval_table(qmap: Tensor) -> Tensor:
     keys = torch.arange(_KEY_MASK + 1, dtype=torch.int32)
-    low_end = (keys << _KEY_SHIFT).view(torch.float32)
-    high_end = ((keys << _KEY_SHIFT) | ((1 << _KEY_SHIFT) - 1)).view(torch.float32)
+    low_end = (keys << KEY_SHIFT).view(torch.float32)
+    high_end = ((keys << KEY_SHIFT) | ((1 << KEY_SHIFT) - 1)).view(torch.float32)
     lows, highs = torch.minimum(low_end, high_end), torch.maximum(low_end, high_end)
     below = torch.searchsorted(qmap, lows)
     finite = torch.isfinite(lows) & torch.isfinite(highs)
@@ -170,12 +172,18 @@ def _interval_table(qmap: Tensor) -> Tensor:
 _INTERVALS = {id(SIGNED_MAP): _interval_table(SIGNED_MAP), id(UNSIGNED_MAP): _interval_table(UNSIGNED_MAP)}
 
 
+def interval_table(qmap: Tensor) -> Tensor:
+    """The int32 table of :func:`_lower_index` for :data:`SIGNED_MAP` or :data:`UNSIGNED_MAP`
+    (entry ``key`` of ``x``: the fp32 bits of ``x`` shifted right by :data:`KEY_SHIFT`, unsigned)."""
+    return _INTERVALS[id(qmap)]
+
+
 def _lower_index(qmap: Tensor, x: Tensor) -> Tensor:
     """int32 ``i`` in [0, 254] with ``qmap[i] < x <= qmap[i+1]``, or the nearest end of the map."""
     table = _INTERVALS.get(id(qmap))
     if table is None or x.device.type != "cpu":
         return torch.searchsorted(qmap, x, out_int32=True).clamp_(1, qmap.numel() - 1).sub_(1)
-    keys = (x.view(torch.int32) >> _KEY_SHIFT).bitwise_and_(_KEY_MASK)
+    keys = (x.view(torch.int32) >> KEY_SHIFT).bitwise_and_(_KEY_MASK)
     below = torch.index_select(table, 0, keys)
     return below.add_(torch.index_select(qmap, 0, below) < x).clamp_(1, qmap.numel() - 1).sub_(1)
 

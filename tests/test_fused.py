@@ -537,3 +537,72 @@ def test_fused_encoded_state_equals_the_per_tensor_path_step_by_step(monkeypatch
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::7], ids=_combination_id)
 def test_fused_encoded_state_of_other_parameter_dtypes_equals_the_per_tensor_path(monkeypatch, flags, mode, dtype):
     _step_by_step(monkeypatch, _encoded_settings(flags, mode), dtype)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+def test_fused_encoded_state_does_not_depend_on_the_thread_count(mode):
+    """The noise is a function of the element, not of the thread that draws it."""
+    settings = {"momentum": 0.9, "centered": True, "state_precision": mode}
+    results = []
+    threads = torch.get_num_threads()
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        try:
+            params = _params(torch.float32, [(140_001,)])  # three of the kernel's chunks
+            optimizer = RMSprop(params, **settings)
+            _run(optimizer, params, _gradients(params, len(LRS)), torch.float32)
+        finally:
+            torch.set_num_threads(threads)
+        results.append(_state_tensors(optimizer, params) + [optimizer.state[params[0]]["grad_variance"]])
+    for one_thread, two_threads in zip(*results, strict=True):
+        assert torch.equal(one_thread, two_threads)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"fused": False}, {"foreach": False}, {"foreach": True}],
+    ids=["fused-false", "foreach-false", "foreach-true"],
+)
+def test_low_precision_groups_step_per_tensor_without_fused(monkeypatch, settings):
+    calls = _spy_on_encoded_kernels(monkeypatch)
+    params = _params(torch.float32, [(5000,)])
+    optimizer = RMSprop(params, state_precision="8bit", **settings)
+    _run(optimizer, params, _gradients(params, len(LRS)), torch.float32)
+    assert calls == [0] * len(LRS)
+
+
+def test_fused_true_refuses_a_low_precision_step_it_cannot_take():
+    param = torch.nn.Parameter(torch.ones(80, 80))
+    optimizer = RMSprop([param], fused=True, state_precision="bf16")
+    param.grad = torch.ones(80, 80)
+    optimizer.step()  # creates the state, per tensor
+    param.grad = torch.ones(80, 80).t()
+    before = copy.deepcopy(optimizer.state[param])
+    start = param.detach().clone()
+    message = "fused=True cannot take this step: parameter 0 in group 0: its gradient is not contiguous"
+    with pytest.raises(RuntimeError, match=message):
+        optimizer.step()
+    assert torch.equal(param, start)
+    for key, value in before.items():
+        assert torch.equal(optimizer.state[param][key], value)
+
+
+def test_fused_encoded_group_takes_complex_parameters_with_their_own_dtype_state(monkeypatch):
+    """Complex parameters keep complex state in low-precision groups; the full-precision kernel steps them."""
+    calls = _spy_on_encoded_kernels(monkeypatch)
+    fused_params = _params(torch.complex64, [(300,)]) + _params(torch.float32, [(5000,)])
+    loop_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+    settings = {"momentum": 0.8, "centered": True, "state_precision": "8bit", "min_8bit_size": 0}
+    fused = RMSprop(fused_params, **settings)
+    loop = RMSprop(loop_params, fused=False, **settings)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(len(LRS)):
+        for p, q in zip(fused_params, loop_params, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    assert calls[1::2] == [0] * len(LRS) and calls[2::2] == [2] * (len(LRS) - 1)
+    assert fused.state[fused_params[0]]["square_avg"].dtype == torch.complex64
+    torch.testing.assert_close(fused_params[0], loop_params[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_params[1], loop_params[1], rtol=1e-4, atol=1e-5)

@@ -222,12 +222,14 @@ def _train(settings, steps=25, seed=0):
     return start, params, optimizer
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per-tensor", "fused"])
 @pytest.mark.parametrize("mode", LOW)
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items() if v))
-def test_every_flag_combination_stays_close_to_full_precision(flags, mode):
+def test_every_flag_combination_stays_close_to_full_precision(flags, mode, fused):
     foreach = hash(tuple(flags.values())) % 2 == 0
     start, full, _ = _train({**flags, "foreach": foreach})
-    _, low, optimizer = _train({**flags, "foreach": not foreach, "state_precision": mode, "min_8bit_size": 4096})
+    path = {"fused": True} if fused else {"foreach": not foreach}
+    _, low, optimizer = _train({**flags, **path, "state_precision": mode, "min_8bit_size": 4096})
     for p0, p_full, p_low in zip(start, full, low):
         moved = (p_full - p0).norm()
         assert torch.isfinite(p_low).all()

@@ -109,7 +109,8 @@ class RMSprop(Optimizer):
             paths, equal to them within rounding of the compute type. ``None``
             takes it where it supports the tensors (dense contiguous CPU
             tensors of float or complex dtype) and ``foreach`` is ``None``;
-            ``True`` requires it (default: None). Under ``torch.compile`` the
+            ``True`` requires it (default: None). bf16 and 8-bit state have
+            kernels of their own, from a parameter's second step on. Under ``torch.compile`` the
             step is traced through the torch ops instead, which the compiler
             fuses itself.
 

@@ -57,20 +57,21 @@ Tensors with fewer than ``min_8bit_size`` elements, and complex parameters in
 every mode, keep their state at fp32 or the parameter's dtype, whichever is
 wider.
 
-Randomness. The rounding noise of each stored buffer at each step comes from
-its own generator, seeded by a hash of (parameter's position in the
-optimizer, buffer name, step count). It touches no global RNG (so data order
-and dropout draw the same numbers as with fp32 state), and it is a function of
-the state alone: a run resumed from a state dict rounds exactly as the
-uninterrupted run, and two runs with the same inputs are bit-identical.
+Randomness. The rounding noise of buffer ``key`` of the parameter at position
+``i`` in the optimizer at step ``t`` is a SplitMix64 stream seeded by a hash of
+``(i, key, t)`` (:func:`rounding_seed`), one 64-bit output per element, by its
+index (:func:`rounding_bits`). It touches no global RNG (so data order and
+dropout draw the same numbers as with fp32 state), and it is a function of the
+state alone: a run resumed from a state dict rounds exactly as the
+uninterrupted run, and two runs with the same inputs are bit-identical. Being
+counter-based, it lets the fused kernels (:func:`rmsprop.fused.fused_rmsprop_encoded`)
+draw each element's bits on their own, block by block on any thread, the same
+bits as here.
 
-For a fused kernel: the codec is a pure function of ``(x, qmap, noise)``
-(:func:`quantize_blockwise`, :func:`stochastic_round_bf16`) and
-``(codes, absmax, qmap)`` (:func:`dequantize_blockwise`). A kernel that
-processes one block of :data:`BLOCK_SIZE` elements can read ``qmap`` (256
-fp32, :data:`SIGNED_MAP` / :data:`UNSIGNED_MAP`), decode, apply the rule,
-reduce the block's new absmax and encode in one pass, given the uniform noise
-from :func:`rounding_generator`.
+This per-tensor path (:func:`step_encoded`, the optimizer's ``fused=False``)
+is the readable reference of those kernels: they decode, apply the rule and
+encode one block of :data:`BLOCK_SIZE` elements at a time, with the same maps,
+code lookup (:func:`interval_table`) and noise.
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ def _lower_index(qmap: Tensor, x: Tensor) -> Tensor:
     return below.add_(torch.index_select(qmap, 0, below) < x).clamp_(1, qmap.numel() - 1).sub_(1)
 
 
-# SplitMix64 (Steele, Lea and Flood, 2014; the reference C code is Vigna's splitmix64.c):
-# the generator's state advances by _GAMMA and each output is _mix64 of the state.
+# SplitMix64 (Steele, Lea and Flood, 2014; reference C code: Vigna's splitmix64.c):
+# the state advances by _GAMMA and each output is the state mixed by _MIX_1 and _MIX_2.
 _GAMMA = 0x9E3779B97F4A7C15
 _MIX_1 = 0xBF58476D1CE4E5B9
 _MIX_2 = 0x94D049BB133111EB

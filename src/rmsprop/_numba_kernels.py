@@ -160,6 +160,7 @@ def _chunks(sizes):
     return owners, starts, ends
 
 
+@njit(inline="always")
 def _constants(scalars):
     """The rule's numbers (see :func:`rmsprop.fused.kernel_scalars`) as a tuple of values.
 
@@ -177,9 +178,6 @@ def _constants(scalars):
         scalars[MOMENTUM],
         scalars[SIGN],
     )
-
-
-_constants = njit(inline="always")(_constants)
 
 
 @njit(inline="always")

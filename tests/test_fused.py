@@ -22,6 +22,7 @@ changes the step, lr changes between steps so that ``lr_in_momentum`` does.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -453,3 +454,186 @@ def test_fused_true_without_numba_names_the_argument(monkeypatch):
     with pytest.raises(ValueError, match=r"Invalid fused: True \(numba is not installed"):
         RMSprop([torch.nn.Parameter(torch.ones(2))], fused=True)
     assert not _uses_fused(monkeypatch, RMSprop([_with_grad(torch.ones(2))]))
+
+
+# --- low-precision state ------------------------------------------------------------
+#
+# The fused kernels for bf16 and 8-bit state (rmsprop.fused.fused_rmsprop_encoded)
+# against the per-tensor path (fused=False: decode, torch's rule, encode), one
+# step at a time from the same stored state. Both draw the same rounding noise
+# per element (rmsprop.state_precision.rounding_bits), so they differ only
+# through float32 rounding: a few ulps in the decoded-and-updated values, which
+# moves a value across a stochastic rounding threshold with probability
+# (difference / spacing of the stored values), about 2^-16 per element for
+# bfloat16 and less for 8-bit codes. Hence, per step:
+#
+# * parameters: float32 within rtol=1e-5, atol=1e-6 and float64 within
+#   rtol=1e-12, atol=1e-14 (as above); bfloat16 and float16 within one ulp of
+#   their type (a float32 difference can tip the final rounding);
+# * bfloat16 state: within one bfloat16 ulp (rtol=2^-7) plus 1e-6 of the
+#   tensor's largest value (grad_variance = v - m^2/c is rounded at the scale
+#   of v), and at most 1% of the elements (or one) different at all;
+# * 8-bit state: codes equal or adjacent, at most 1% (or one) different; absmax within
+#   float32 rounding (rtol=1e-5);
+# * fp32 state of small tensors (min_8bit_size): as float32 parameters.
+#
+# A wrong flag, map, block boundary or noise would change most elements.
+
+LOW_PRECISION_SHAPES = [(70, 73), (80,)]  # 20 blocks, the last one partial; and one below min_8bit_size
+
+
+def _encoded_settings(flags: dict, mode: str) -> dict:
+    return {**_settings(flags), "state_precision": mode, "min_8bit_size": 4096}
+
+
+def _check_same_step(fused: RMSprop, fused_params: list, loop: RMSprop, loop_params: list) -> None:
+    for p, q in zip(fused_params, loop_params, strict=True):
+        if p.dtype == torch.float32:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        elif p.dtype == torch.float64:
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        else:
+            eps = torch.finfo(p.dtype).eps
+            torch.testing.assert_close(p, q, rtol=eps, atol=eps * q.abs().max().item())
+        state, expected = fused.state[p], loop.state[q]
+        assert set(state) == set(expected)
+        for key, value in state.items():
+            reference_value = expected[key]
+            assert value.dtype == reference_value.dtype, key
+            if value.dtype == torch.uint8:
+                difference = (value.int() - reference_value.int()).abs()
+                assert difference.max() <= 1 and _few(difference != 0), key
+            elif value.dtype == torch.bfloat16:
+                scale = reference_value.float().abs().max().item()
+                torch.testing.assert_close(value.float(), reference_value.float(), rtol=2**-7, atol=1e-6 * scale)
+                assert _few(value != reference_value), key
+            elif key.endswith("_absmax"):
+                torch.testing.assert_close(value, reference_value, rtol=1e-5, atol=0)
+            else:
+                torch.testing.assert_close(value, reference_value, rtol=1e-5, atol=1e-6)
+
+
+def _spy_on_encoded_kernels(monkeypatch) -> list[int]:
+    """How many parameters each call of the low-precision fused path got."""
+    import rmsprop.optimizer
+
+    calls = []
+    original = rmsprop.optimizer.fused_rmsprop_encoded
+
+    def spy(params, *args):
+        calls.append(len(params))
+        return original(params, *args)
+
+    monkeypatch.setattr(rmsprop.optimizer, "fused_rmsprop_encoded", spy)
+    return calls
+
+
+def _few(different: torch.Tensor) -> bool:
+    """At most 1% of the elements, or one."""
+    return different.sum().item() <= max(1, 0.01 * different.numel())
+
+
+def _step_by_step(monkeypatch, settings: dict, dtype: torch.dtype, steps: int = 6, shapes=LOW_PRECISION_SHAPES) -> None:
+    """Steps a fused optimizer; before each step a per-tensor twin loads its state; both must agree after it."""
+    calls = _spy_on_encoded_kernels(monkeypatch)
+    params = _params(dtype, shapes)
+    optimizer = RMSprop(params, fused=None, **settings)
+    for step, step_gradients in enumerate(_gradients(params, steps)):
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        twin = RMSprop(twins, fused=False, **settings)
+        twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        twin.param_groups[0]["fused"] = False  # load_state_dict takes the saved group's settings
+        for optimizer_, params_ in ((optimizer, params), (twin, twins)):
+            for group in optimizer_.param_groups:
+                group["lr"] = LRS[step % len(LRS)]
+            for p, g in zip(params_, step_gradients, strict=True):
+                p.grad = None if g is None else g.to(dtype)
+        optimizer.step()
+        fused_count = calls.pop(0)
+        twin.step()
+        assert calls.pop(0) == 0
+        _check_same_step(optimizer, params, twin, twins)
+        # The first step creates the state, per tensor; then every parameter with a gradient is fused.
+        assert fused_count == (0 if step == 0 else sum(g is not None for g in step_gradients))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+def test_fused_encoded_state_equals_the_per_tensor_path_step_by_step(monkeypatch, flags, mode):
+    _step_by_step(monkeypatch, _encoded_settings(flags, mode), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::7], ids=_combination_id)
+def test_fused_encoded_state_of_other_parameter_dtypes_equals_the_per_tensor_path(monkeypatch, flags, mode, dtype):
+    _step_by_step(monkeypatch, _encoded_settings(flags, mode), dtype)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+def test_fused_encoded_state_does_not_depend_on_the_thread_count(mode):
+    """The noise is a function of the element, not of the thread that draws it."""
+    settings = {"momentum": 0.9, "centered": True, "state_precision": mode}
+    results = []
+    threads = torch.get_num_threads()
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        try:
+            params = _params(torch.float32, [(140_001,)])  # three of the kernel's chunks
+            optimizer = RMSprop(params, **settings)
+            _run(optimizer, params, _gradients(params, len(LRS)), torch.float32)
+        finally:
+            torch.set_num_threads(threads)
+        results.append(_state_tensors(optimizer, params) + [optimizer.state[params[0]]["grad_variance"]])
+    for one_thread, two_threads in zip(*results, strict=True):
+        assert torch.equal(one_thread, two_threads)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"fused": False}, {"foreach": False}, {"foreach": True}],
+    ids=["fused-false", "foreach-false", "foreach-true"],
+)
+def test_low_precision_groups_step_per_tensor_without_fused(monkeypatch, settings):
+    calls = _spy_on_encoded_kernels(monkeypatch)
+    params = _params(torch.float32, [(5000,)])
+    optimizer = RMSprop(params, state_precision="8bit", **settings)
+    _run(optimizer, params, _gradients(params, len(LRS)), torch.float32)
+    assert calls == [0] * len(LRS)
+
+
+def test_fused_true_refuses_a_low_precision_step_it_cannot_take():
+    param = torch.nn.Parameter(torch.ones(80, 80))
+    optimizer = RMSprop([param], fused=True, state_precision="bf16")
+    param.grad = torch.ones(80, 80)
+    optimizer.step()  # creates the state, per tensor
+    param.grad = torch.ones(80, 80).t()
+    before = copy.deepcopy(optimizer.state[param])
+    start = param.detach().clone()
+    message = "fused=True cannot take this step: parameter 0 in group 0: its gradient is not contiguous"
+    with pytest.raises(RuntimeError, match=message):
+        optimizer.step()
+    assert torch.equal(param, start)
+    for key, value in before.items():
+        assert torch.equal(optimizer.state[param][key], value)
+
+
+def test_fused_encoded_group_takes_complex_parameters_with_their_own_dtype_state(monkeypatch):
+    """Complex parameters keep complex state in low-precision groups; the full-precision kernel steps them."""
+    calls = _spy_on_encoded_kernels(monkeypatch)
+    fused_params = _params(torch.complex64, [(300,)]) + _params(torch.float32, [(5000,)])
+    loop_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+    settings = {"momentum": 0.8, "centered": True, "state_precision": "8bit", "min_8bit_size": 0}
+    fused = RMSprop(fused_params, **settings)
+    loop = RMSprop(loop_params, fused=False, **settings)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(len(LRS)):
+        for p, q in zip(fused_params, loop_params, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    assert calls[1::2] == [0] * len(LRS) and calls[2::2] == [2] * (len(LRS) - 1)
+    assert fused.state[fused_params[0]]["square_avg"].dtype == torch.complex64
+    torch.testing.assert_close(fused_params[0], loop_params[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_params[1], loop_params[1], rtol=1e-4, atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rmsprop.cli import main
-from rmsprop.memory_bench import Run, dynamic_range, quality_table, train
+from rmsprop.memory_bench import Run, build_parser, dynamic_range, quality_table, train
 
 
 def test_dynamic_range_counts_zeros_of_square_avg_codes_but_not_of_root_codes():
@@ -45,3 +45,8 @@ def test_cli_refuses_a_single_seed(capsys):
         main(["bench-memory", "--seeds", "1"])
     assert exit_info.value.code == 2
     assert "must be at least 2" in capsys.readouterr().err
+
+
+def test_cli_step_time_flag_selects_the_first_table_only():
+    assert build_parser().parse_args(["--step-time"]).step_time
+    assert not build_parser().parse_args([]).step_time

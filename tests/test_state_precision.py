@@ -16,9 +16,12 @@ from rmsprop.state_precision import (
     UNSIGNED_MAP,
     dequantize_blockwise,
     quantize_blockwise,
-    rounding_generator,
+    bf16_noise,
+    rounding_bits,
+    rounding_seed,
     state_bytes,
     stochastic_round_bf16,
+    uniform_noise,
 )
 
 LOW = ["bf16", "8bit"]
@@ -219,12 +222,14 @@ def _train(settings, steps=25, seed=0):
     return start, params, optimizer
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per-tensor", "fused"])
 @pytest.mark.parametrize("mode", LOW)
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items() if v))
-def test_every_flag_combination_stays_close_to_full_precision(flags, mode):
+def test_every_flag_combination_stays_close_to_full_precision(flags, mode, fused):
     foreach = hash(tuple(flags.values())) % 2 == 0
     start, full, _ = _train({**flags, "foreach": foreach})
-    _, low, optimizer = _train({**flags, "foreach": not foreach, "state_precision": mode, "min_8bit_size": 4096})
+    path = {"fused": True} if fused else {"foreach": not foreach}
+    _, low, optimizer = _train({**flags, **path, "state_precision": mode, "min_8bit_size": 4096})
     for p0, p_full, p_low in zip(start, full, low):
         moved = (p_full - p0).norm()
         assert torch.isfinite(p_low).all()
@@ -408,12 +413,30 @@ def test_complex_params_keep_their_dtype():
 
 
 def test_rounding_noise_depends_on_parameter_buffer_and_step():
-    draws = {
-        args: torch.rand(4, generator=rounding_generator(*args)).tolist()
-        for args in [(0, "square_avg", 1), (1, "square_avg", 1), (0, "grad_avg", 1), (0, "square_avg", 2)]
-    }
-    assert len({tuple(v) for v in draws.values()}) == len(draws)
-    assert torch.rand(4, generator=rounding_generator(0, "square_avg", 1)).tolist() == draws[(0, "square_avg", 1)]
+    seeds = {args: rounding_seed(*args) for args in [(0, "square_avg", 1), (1, "square_avg", 1), (0, "grad_avg", 1), (0, "square_avg", 2)]}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= seed < 2**64 for seed in seeds.values())
+    assert rounding_seed(0, "square_avg", 1) == seeds[(0, "square_avg", 1)]
+
+
+def test_rounding_bits_are_the_splitmix64_stream():
+    # Rosetta Code, "Pseudo-random numbers/Splitmix64": the first five outputs for seed 1234567.
+    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
+    bits = rounding_bits(1234567, (5,))
+    assert bits.dtype == torch.int64
+    assert [value % 2**64 for value in bits.tolist()] == expected
+
+
+def test_rounding_noise_is_uniform_in_its_ranges():
+    bits = rounding_bits(rounding_seed(3, "square_avg", 7), (100_000,))
+    bf16 = bf16_noise(bits)
+    assert bf16.dtype == torch.int32 and bf16.min() >= 0 and bf16.max() < 2**16
+    uniform = uniform_noise(bits)
+    assert uniform.dtype == torch.float32 and uniform.min() >= 0 and uniform.max() < 1
+    # Mean and variance of U[0, 1) within 5 standard errors.
+    assert abs(uniform.double().mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / bits.numel())
+    assert abs(uniform.double().var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / bits.numel())
+    assert abs(bf16.double().mean().item() / 2**16 - 0.5) < 5 * math.sqrt(1 / 12 / bits.numel())
 
 
 def test_low_precision_leaves_the_global_rng_alone():

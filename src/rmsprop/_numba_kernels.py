@@ -36,6 +36,8 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
+from rmsprop.state_precision import BLOCK_SIZE, KEY_SHIFT, STORED
+
 # numba's own thread pool, unless the user chose one. Its OpenMP layer runs a
 # second OpenMP pool beside torch's, and the two spin against each other: on
 # 2 cores a fused step of 4M parameters next to torch matmuls took 8.1-10.1 ms
@@ -130,15 +132,13 @@ def _bfloat16_bits(value, like):
 
 
 @njit(cache=True)
-def _advance_steps(steps, step_like, alpha, bias_correction, inverse_corrections):
-    """Increment each tensor's step; ``inverse_corrections[i] = 1 / (1 - alpha^t)`` (1 without bias correction)."""
+def _advance_steps(steps, step_like, alpha, bias_correction, corrections):
+    """Increment each tensor's step; ``corrections[i] = 1 - alpha^t`` (1 without bias correction)."""
     for i in range(steps.size):
         step = carray(_pointer(steps[i], step_like), 1)
         step[0] += 1
         # In float64, then rounded to the compute type, like the for-loop path.
-        # A multiplication per element instead of a division: the kernel already divides once and
-        # takes a root per element, which on 2 cores is close to the time memory takes.
-        inverse_corrections[i] = 1.0 / (1.0 - alpha ** np.float64(step[0])) if bias_correction else 1.0
+        corrections[i] = 1.0 - alpha ** np.float64(step[0]) if bias_correction else 1.0
 
 
 @njit(cache=True)
@@ -158,6 +158,62 @@ def _chunks(sizes):
             ends[chunk] = min(start + CHUNK, sizes[tensor])
             chunk += 1
     return owners, starts, ends
+
+
+@njit(inline="always")
+def _constants(scalars):
+    """The rule's numbers (see :func:`rmsprop.fused.kernel_scalars`) as a tuple of values.
+
+    Read once per kernel call into registers: the array itself could alias the
+    tensors written through raw pointers, so LLVM would reload it per element.
+    """
+    return (
+        scalars[LR],
+        scalars[ALPHA],
+        scalars[RATE],
+        scalars[EPS_INSIDE],
+        scalars[EPS_OUTSIDE],
+        scalars[WEIGHT_DECAY],
+        scalars[DECAY_FACTOR],
+        scalars[MOMENTUM],
+        scalars[SIGN],
+    )
+
+
+@njit(inline="always")
+def _rule(p, g, v, m, b, correction, constants, grad_avgs, momentum_buffers, flags):
+    """One element of the rule of :mod:`rmsprop.functional`: the new ``(p, v, m, b)``.
+
+    ``m`` (``b``) is used and updated only if the kernel's ``grad_avgs``
+    (``momentum_buffers``) is not ``None``; both are passed so that numba
+    compiles the unused code away. ``flags`` is ``(coupled_weight_decay,
+    nesterov, lr_in_momentum)``. Inlined: a call per element would stop vectorisation.
+    """
+    lr, alpha, rate, eps_inside, eps_outside, weight_decay, decay_factor, momentum, sign = constants
+    coupled_weight_decay, nesterov, lr_in_momentum = flags
+    p = p * decay_factor
+    g = g * sign
+    if coupled_weight_decay:
+        g = g + weight_decay * p
+    v = alpha * v + rate * (g * g)
+    second_moment = v / correction
+    if grad_avgs is not None:
+        m = m + rate * (g - m)
+        mean = m / correction
+        second_moment = second_moment - mean * mean
+        # NaN stays NaN, as with torch's clamp_min.
+        second_moment = second_moment - second_moment if second_moment < 0 else second_moment
+    u = g / (np.sqrt(second_moment + eps_inside) + eps_outside)
+    if momentum_buffers is not None:
+        if lr_in_momentum:
+            b = momentum * b + lr * u
+            update = momentum * b + lr * u if nesterov else b
+        else:
+            b = momentum * b + u
+            update = lr * (u + momentum * b) if nesterov else lr * b
+    else:
+        update = lr * u
+    return p - update, v, m, b
 
 
 @njit(parallel=True, cache=True)
@@ -190,19 +246,12 @@ def rmsprop_step(
     :func:`rmsprop.fused.kernel_scalars`); ``alpha_exact`` is alpha as a
     float64, for the bias correction.
     """
-    alpha = scalars[ALPHA]
-    rate = scalars[RATE]
-    lr = scalars[LR]
-    eps_inside = scalars[EPS_INSIDE]
-    eps_outside = scalars[EPS_OUTSIDE]
-    weight_decay = scalars[WEIGHT_DECAY]
-    decay_factor = scalars[DECAY_FACTOR]
-    momentum = scalars[MOMENTUM]
-    sign = scalars[SIGN]
+    constants = _constants(scalars)
+    flags = (coupled_weight_decay, nesterov, lr_in_momentum)
     zero = np.zeros_like(scalars[:1])[0]
 
-    inverse_corrections = np.empty(sizes.size, scalars.dtype)
-    _advance_steps(steps, step_like, alpha_exact, bias_correction, inverse_corrections)
+    corrections = np.empty(sizes.size, scalars.dtype)
+    _advance_steps(steps, step_like, alpha_exact, bias_correction, corrections)
     owners, starts, ends = _chunks(sizes)
 
     for chunk in prange(owners.size):
@@ -210,7 +259,7 @@ def rmsprop_step(
         size = sizes[tensor]
         start = starts[chunk]
         end = ends[chunk]
-        inverse_correction = inverse_corrections[tensor]
+        correction = corrections[tensor]
         # Slicing each chunk before the loop lets LLVM vectorise it.
         p_chunk = carray(_pointer(params[tensor], like), size)[start:end]
         g_chunk = carray(_pointer(grads[tensor], like), size)[start:end]
@@ -220,33 +269,344 @@ def rmsprop_step(
         if momentum_buffers is not None:
             b_chunk = carray(_pointer(momentum_buffers[tensor], like), size)[start:end]
         for i in range(end - start):
-            p = _widen(p_chunk[i]) * decay_factor
-            g = _widen(g_chunk[i]) * sign
-            if coupled_weight_decay:
-                g = g + weight_decay * p
-            v = alpha * _widen(v_chunk[i]) + rate * (g * g)
-            v_chunk[i] = _narrow(v, like)
-            second_moment = v * inverse_correction
+            m = b = zero
             if grad_avgs is not None:
                 m = _widen(m_chunk[i])
-                m = m + rate * (g - m)
-                m_chunk[i] = _narrow(m, like)
-                mean = m * inverse_correction
-                second_moment = second_moment - mean * mean
-                # NaN stays NaN, as with torch's clamp_min.
-                second_moment = zero if second_moment < zero else second_moment
-            u = g / (np.sqrt(second_moment + eps_inside) + eps_outside)
             if momentum_buffers is not None:
-                if lr_in_momentum:
-                    b = momentum * _widen(b_chunk[i]) + lr * u
-                    update = momentum * b + lr * u if nesterov else b
-                else:
-                    b = momentum * _widen(b_chunk[i]) + u
-                    update = lr * (u + momentum * b) if nesterov else lr * b
+                b = _widen(b_chunk[i])
+            p, v, m, b = _rule(
+                _widen(p_chunk[i]),
+                _widen(g_chunk[i]),
+                _widen(v_chunk[i]),
+                m,
+                b,
+                correction,
+                constants,
+                grad_avgs,
+                momentum_buffers,
+                flags,
+            )
+            p_chunk[i] = _narrow(p, like)
+            v_chunk[i] = _narrow(v, like)
+            if grad_avgs is not None:
+                m_chunk[i] = _narrow(m, like)
+            if momentum_buffers is not None:
                 b_chunk[i] = _narrow(b, like)
-            else:
-                update = lr * u
-            p_chunk[i] = _narrow(p - update, like)
+
+
+# --- low-precision state (rmsprop.state_precision) ---------------------------
+
+# SplitMix64's constants, as rmsprop.state_precision.rounding_bits uses them.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+# Indices of the buffer names in STORED, which seed the noise.
+GRAD_AVG_KEY, MOMENTUM_KEY, SQUARE_AVG_KEY, GRAD_VARIANCE_KEY = map(
+    STORED.index, ("grad_avg", "momentum_buffer", "square_avg", "grad_variance")
+)
+
+
+@njit(inline="always")
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * _MIX_1
+    z = (z ^ (z >> np.uint64(27))) * _MIX_2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _random_bits(seed, index):
+    """Output ``index + 1`` of SplitMix64 from state ``seed``: the noise of element ``index``."""
+    return _mix64(seed + np.uint64(index + 1) * _GAMMA)
+
+
+@njit(inline="always")
+def _rounding_seed(param_index, key, step):
+    """rmsprop.state_precision.rounding_seed."""
+    seed = _random_bits(np.uint64(param_index), 0)
+    seed = _random_bits(seed ^ np.uint64(key), 0)
+    return _random_bits(seed ^ np.uint64(step), 0)
+
+
+def _store(value, like, seed, index):
+    """``value`` as a state element of ``like``'s type: float32 as it is, bfloat16 bits rounded
+    stochastically with the bits of element ``index`` (rmsprop.state_precision.stochastic_round_bf16)."""
+
+
+@overload(_store, inline="always")
+def _store_overload(value, like, seed, index):
+    if like.dtype == types.uint16:
+        return _stochastic_bfloat16_bits
+    return lambda value, like, seed, index: np.float32(value)
+
+
+def _is_bfloat16(like):
+    """Whether ``like`` holds bfloat16 bits, as a compile-time constant."""
+
+
+@overload(_is_bfloat16, inline="always")
+def _is_bfloat16_overload(like):
+    answer = like.dtype == types.uint16
+    return lambda like: answer
+
+
+def _stochastic_bfloat16_bits(value, like, seed, index):
+    value = np.float32(value)
+    if value != value:
+        return np.uint16(0x7FC0)
+    noise = np.uint32(_random_bits(seed, index) >> np.uint64(48))
+    return np.uint16((_bits_from_float32(value) + noise) >> np.uint32(16))
+
+
+@njit(cache=True)
+def _advance_encoded_steps(steps, step_like, param_indices, alpha, bias_correction, keys, corrections, weights, seeds):
+    """:func:`_advance_steps`, plus per tensor the weights of m^2 in ``grad_variance`` before and after
+    the step (rmsprop.state_precision.mean_weight) and the seed of each buffer's noise (``keys``)."""
+    _advance_steps(steps, step_like, alpha, bias_correction, corrections)
+    for i in range(steps.size):
+        step = np.int64(carray(_pointer(steps[i], step_like), 1)[0])
+        weights[i, 0] = 1.0 / (1.0 - alpha ** np.float64(step - 1)) if bias_correction and step > 1 else 1.0
+        weights[i, 1] = 1.0 / (1.0 - alpha ** np.float64(step)) if bias_correction else 1.0
+        for slot in range(keys.size):
+            seeds[i, slot] = _rounding_seed(param_indices[i], keys[slot], step)
+
+
+@njit(parallel=True, cache=True)
+def rmsprop_step_bf16(
+    params,
+    grads,
+    square_avgs,
+    grad_avgs,
+    momentum_buffers,
+    sizes,
+    steps,
+    param_indices,
+    like,
+    state_like,
+    step_like,
+    scalars,
+    alpha_exact,
+    coupled_weight_decay,
+    bias_correction,
+    nesterov,
+    lr_in_momentum,
+):
+    """:func:`rmsprop_step` with the state in ``state_like``'s storage type: ``uint16``, bfloat16
+    bits rounded stochastically, or ``float32`` (the state of bfloat16 and float16 parameters
+    below ``min_8bit_size`` in 8-bit mode).
+
+    bfloat16 state with ``grad_avgs`` holds ``grad_variance`` in place of
+    ``square_avg`` (rmsprop.state_precision). ``param_indices`` (int64) are
+    the parameters' positions in the optimizer, which seed the noise.
+    """
+    constants = _constants(scalars)
+    flags = (coupled_weight_decay, nesterov, lr_in_momentum)
+    zero = np.zeros_like(scalars[:1])[0]
+    stores_variance = grad_avgs is not None and _is_bfloat16(state_like)
+    keys = np.array([GRAD_VARIANCE_KEY if stores_variance else SQUARE_AVG_KEY, GRAD_AVG_KEY, MOMENTUM_KEY])
+
+    corrections = np.empty(sizes.size, scalars.dtype)
+    weights = np.empty((sizes.size, 2), scalars.dtype)
+    seeds = np.empty((sizes.size, 3), np.uint64)
+    _advance_encoded_steps(
+        steps, step_like, param_indices, alpha_exact, bias_correction, keys, corrections, weights, seeds
+    )
+    owners, starts, ends = _chunks(sizes)
+
+    for chunk in prange(owners.size):
+        tensor = owners[chunk]
+        size = sizes[tensor]
+        start = starts[chunk]
+        end = ends[chunk]
+        correction = corrections[tensor]
+        weight_before = weights[tensor, 0]
+        weight_after = weights[tensor, 1]
+        p_chunk = carray(_pointer(params[tensor], like), size)[start:end]
+        g_chunk = carray(_pointer(grads[tensor], like), size)[start:end]
+        v_chunk = carray(_pointer(square_avgs[tensor], state_like), size)[start:end]
+        if grad_avgs is not None:
+            m_chunk = carray(_pointer(grad_avgs[tensor], state_like), size)[start:end]
+        if momentum_buffers is not None:
+            b_chunk = carray(_pointer(momentum_buffers[tensor], state_like), size)[start:end]
+        for i in range(end - start):
+            v = _widen(v_chunk[i])
+            m = b = zero
+            if grad_avgs is not None:
+                m = _widen(m_chunk[i])
+                if stores_variance:
+                    v = v + weight_before * (m * m)
+            if momentum_buffers is not None:
+                b = _widen(b_chunk[i])
+            p, v, m, b = _rule(
+                _widen(p_chunk[i]),
+                _widen(g_chunk[i]),
+                v,
+                m,
+                b,
+                correction,
+                constants,
+                grad_avgs,
+                momentum_buffers,
+                flags,
+            )
+            p_chunk[i] = _narrow(p, like)
+            index = start + i
+            if stores_variance:
+                v = v - weight_after * (m * m)
+                v = v - v if v < 0 else v
+            v_chunk[i] = _store(v, state_like, seeds[tensor, 0], index)
+            if grad_avgs is not None:
+                m_chunk[i] = _store(m, state_like, seeds[tensor, 1], index)
+            if momentum_buffers is not None:
+                b_chunk[i] = _store(b, state_like, seeds[tensor, 2], index)
+
+
+@njit(inline="always")
+def _lower_index(qmap, table, x):
+    """``i`` in [0, 254] with ``qmap[i] < x <= qmap[i+1]``, or the nearest end of the map: the
+    lookup of rmsprop.state_precision._lower_index, in its table (``interval_table``)."""
+    below = table[_bits_from_float32(x) >> np.uint32(KEY_SHIFT)]
+    below += np.int32(qmap[below] < x)
+    return min(max(below, 1), 255) - 1
+
+
+@njit(inline="always")
+def _encode_block(values, count, codes, absmaxes, block, qmap, table, seed, first_index):
+    """rmsprop.state_precision.quantize_blockwise of one block, with the noise of its elements."""
+    absmax = np.float32(0)
+    for i in range(count):
+        magnitude = abs(values[i])
+        # "not <=" so that a NaN becomes the block's absmax, as torch's amax.
+        if not magnitude <= absmax:
+            absmax = magnitude
+    absmaxes[block] = absmax
+    divisor = absmax if absmax > 0 else np.float32(1)
+    for i in range(count):
+        scaled = values[i] / divisor
+        lower = _lower_index(qmap, table, scaled)
+        low = qmap[lower]
+        fraction = (scaled - low) / (qmap[lower + 1] - low)
+        uniform = np.float32(_random_bits(seed, first_index + i) >> np.uint64(40)) * np.float32(2.0**-24)
+        codes[i] = lower + np.int32(uniform < fraction)  # branch-free: a coin flip
+
+
+@njit(parallel=True, cache=True)
+def rmsprop_step_8bit(
+    params,
+    grads,
+    square_avgs,
+    square_absmaxes,
+    grad_avgs,
+    grad_absmaxes,
+    momentum_buffers,
+    momentum_absmaxes,
+    sizes,
+    steps,
+    param_indices,
+    like,
+    step_like,
+    scalars,
+    alpha_exact,
+    coupled_weight_decay,
+    bias_correction,
+    nesterov,
+    lr_in_momentum,
+    signed_map,
+    signed_table,
+    unsigned_map,
+    unsigned_table,
+):
+    """:func:`rmsprop_step` with the state as blockwise 8-bit codes (rmsprop.state_precision).
+
+    Each buffer is two address arrays: its ``uint8`` codes and its float32
+    absmax per block of :data:`BLOCK_SIZE`. ``square_avgs`` holds
+    ``sqrt(square_avg)``, or with ``grad_avgs`` ``sqrt(grad_variance)``, with
+    ``unsigned_map``; the others use ``signed_map`` (each with its
+    ``interval_table``). Per block: decode,
+    apply the rule, keep the new values in fp32, reduce their absmax, encode.
+    Chunks start at multiples of ``CHUNK``, so blocks never straddle them.
+    """
+    constants = _constants(scalars)
+    flags = (coupled_weight_decay, nesterov, lr_in_momentum)
+    zero = np.zeros_like(scalars[:1])[0]
+    codes_like = np.empty(0, np.uint8)
+    absmax_like = np.empty(0, np.float32)
+    keys = np.array([GRAD_VARIANCE_KEY if grad_avgs is not None else SQUARE_AVG_KEY, GRAD_AVG_KEY, MOMENTUM_KEY])
+
+    corrections = np.empty(sizes.size, scalars.dtype)
+    weights = np.empty((sizes.size, 2), scalars.dtype)
+    seeds = np.empty((sizes.size, 3), np.uint64)
+    _advance_encoded_steps(
+        steps, step_like, param_indices, alpha_exact, bias_correction, keys, corrections, weights, seeds
+    )
+    owners, starts, ends = _chunks(sizes)
+
+    for chunk in prange(owners.size):
+        tensor = owners[chunk]
+        size = sizes[tensor]
+        blocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        correction = corrections[tensor]
+        weight_before = weights[tensor, 0]
+        weight_after = weights[tensor, 1]
+        p_all = carray(_pointer(params[tensor], like), size)
+        g_all = carray(_pointer(grads[tensor], like), size)
+        v_codes = carray(_pointer(square_avgs[tensor], codes_like), size)
+        v_absmax = carray(_pointer(square_absmaxes[tensor], absmax_like), blocks)
+        if grad_avgs is not None:
+            m_codes = carray(_pointer(grad_avgs[tensor], codes_like), size)
+            m_absmax = carray(_pointer(grad_absmaxes[tensor], absmax_like), blocks)
+        if momentum_buffers is not None:
+            b_codes = carray(_pointer(momentum_buffers[tensor], codes_like), size)
+            b_absmax = carray(_pointer(momentum_absmaxes[tensor], absmax_like), blocks)
+        # The new values of one block, in fp32, until its absmax is known.
+        new_v = np.empty(BLOCK_SIZE, np.float32)
+        new_m = np.empty(BLOCK_SIZE, np.float32)
+        new_b = np.empty(BLOCK_SIZE, np.float32)
+        for first in range(starts[chunk], ends[chunk], BLOCK_SIZE):
+            block = first // BLOCK_SIZE
+            count = min(BLOCK_SIZE, size - first)
+            p_block = p_all[first : first + count]
+            g_block = g_all[first : first + count]
+            v_block = v_codes[first : first + count]
+            if grad_avgs is not None:
+                m_block = m_codes[first : first + count]
+            if momentum_buffers is not None:
+                b_block = b_codes[first : first + count]
+            for i in range(count):
+                # Decoded in fp32, then computed in the compute type, as the per-tensor
+                # path does (adding zero widens to float64, and is exact for float32).
+                root = zero + unsigned_map[v_block[i]] * v_absmax[block]
+                v = root * root
+                m = b = zero
+                if grad_avgs is not None:
+                    m = zero + signed_map[m_block[i]] * m_absmax[block]
+                    v = v + weight_before * (m * m)
+                if momentum_buffers is not None:
+                    b = zero + signed_map[b_block[i]] * b_absmax[block]
+                p, v, m, b = _rule(
+                    _widen(p_block[i]),
+                    _widen(g_block[i]),
+                    v,
+                    m,
+                    b,
+                    correction,
+                    constants,
+                    grad_avgs,
+                    momentum_buffers,
+                    flags,
+                )
+                p_block[i] = _narrow(p, like)
+                if grad_avgs is not None:
+                    v = v - weight_after * (m * m)
+                    new_m[i] = m
+                if momentum_buffers is not None:
+                    new_b[i] = b
+                # sqrt(max(v, 0)), NaN staying NaN, as torch's clamp_min and sqrt.
+                new_v[i] = np.sqrt(v - v if v < 0 else v)
+            _encode_block(new_v, count, v_block, v_absmax, block, unsigned_map, unsigned_table, seeds[tensor, 0], first)
+            if grad_avgs is not None:
+                _encode_block(new_m, count, m_block, m_absmax, block, signed_map, signed_table, seeds[tensor, 1], first)
+            if momentum_buffers is not None:
+                _encode_block(new_b, count, b_block, b_absmax, block, signed_map, signed_table, seeds[tensor, 2], first)
 
 
 @njit(parallel=True, cache=True)

@@ -28,6 +28,16 @@ one dtype on one device, steps on the CPU (as torch keeps them without
 the numba kernel does (same types, correctly rounded division and square
 root). :func:`unsupported_reason` says why other inputs are not; the
 optimizer then falls back to the other paths.
+
+Low-precision state (:mod:`rmsprop.state_precision`) has kernels of its own,
+which decode the stored state, apply the same rule and encode it again in the
+same pass (:func:`fused_rmsprop_encoded`): bfloat16 state element by element,
+8-bit state block by block (decode with the map and absmax, update, reduce the
+block's new absmax, encode). The rounding noise is
+:func:`rmsprop.state_precision.rounding_bits`, counter-based, so the kernels
+draw for each element the bits that the per-tensor path draws for it: the two
+agree within float32 rounding, except where that rounding moves a value across
+a stochastic rounding threshold (one code, or one bfloat16 ulp, in rare elements).
 """
 
 from __future__ import annotations
@@ -44,10 +54,13 @@ import torch
 from torch import Tensor
 
 from rmsprop.functional import Hyperparameters
+from rmsprop.state_precision import SIGNED_MAP, UNSIGNED_MAP, interval_table, num_blocks, stored_keys
 
 __all__ = [
     "Part",
+    "encoded_unsupported_reason",
     "fused_rmsprop",
+    "fused_rmsprop_encoded",
     "kernel_scalars",
     "launch",
     "missing_backend",
@@ -353,6 +366,140 @@ class Backend(NamedTuple):
 # The kernel for each device type that unsupported_reason accepts. The Triton
 # launcher builds its table of addresses at every launch: nothing is kept.
 _BACKENDS = {"cpu": Backend(_numba_call, _run_numba), "cuda": Backend(_tensor_lists, _run_triton)}
+
+
+def encoded_unsupported_reason(p: Tensor, state: dict, fmt: str) -> str | None:
+    """Why :func:`fused_rmsprop_encoded` cannot step ``p`` with its ``state`` stored as ``fmt``
+    (``"wide"``, ``"bf16"`` or ``"8bit"``), or ``None`` if it can."""
+    reason = unsupported_dtype_or_layout(p, "the parameter") or unsupported_dtype_or_layout(p.grad, "its gradient")
+    if reason is not None:
+        return reason
+    if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+        return f"the gradient is {p.grad.dtype} of shape {tuple(p.grad.shape)}, the parameter {p.dtype} of shape {tuple(p.shape)}"
+    if fmt != "wide" and p.dtype not in _KERNEL_TYPES:
+        return f"the parameter is {p.dtype}; low-precision state is fused for float32, float64, bfloat16 and float16"
+    step = state["step"]
+    if not (step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1):
+        return "its 'step' is not a 1-element float32 or float64 CPU tensor"
+    for key in stored_keys(state):
+        expected = _STATE_DTYPES.get(fmt, torch.float32 if p.dtype in _HALF else p.dtype)
+        reason = _unsupported_entry(state[key], key, expected, p.shape)
+        if reason is None and fmt == "8bit":
+            reason = _unsupported_entry(state[key + "_absmax"], key + "_absmax", torch.float32, (num_blocks(p.numel()),))
+        if reason is not None:
+            return reason
+    return None
+
+
+_HALF = (torch.bfloat16, torch.float16)
+# The dtype of a stored buffer, for the formats whose dtype does not depend on the parameter's.
+_STATE_DTYPES = {"bf16": torch.bfloat16, "8bit": torch.uint8}
+
+
+def _unsupported_entry(tensor: Tensor, key: str, dtype: torch.dtype, shape: tuple) -> str | None:
+    if type(tensor) not in _PLAIN_TYPES or tensor.device.type != "cpu" or tensor.layout != torch.strided:
+        return f"its {key!r} is not a plain CPU tensor"
+    if tensor.dtype != dtype or tensor.shape != shape:
+        return f"its {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, not {dtype} of shape {tuple(shape)}"
+    if not tensor.is_contiguous():
+        return f"its {key!r} is not contiguous"
+    return None
+
+
+def fused_rmsprop_encoded(
+    params: list[Tensor], states: list[dict], formats: list[str], param_indices: list[int], hp: Hyperparameters
+) -> None:
+    """One RMSProp step of ``params`` whose state is stored as ``formats`` (see :func:`encoded_unsupported_reason`),
+    with every buffer the settings use and no other; ``param_indices`` seed the rounding noise.
+
+    State of the parameter's own dtype (``"wide"`` state of float32, float64
+    and complex parameters) goes to :func:`fused_rmsprop`; the rest to one
+    low-precision kernel call per kind of storage.
+    """
+    if not params:
+        return
+    kernels = _kernels()
+    _match_torch_threads()
+    lr = float(hp.lr)
+    full = [i for i, (p, fmt) in enumerate(zip(params, formats, strict=True)) if fmt == "wide" and p.dtype not in _HALF]
+    if full:
+        chosen = [states[i] for i in full]
+        fused_rmsprop(
+            [params[i] for i in full],
+            [params[i].grad for i in full],
+            [state["square_avg"] for state in chosen],
+            [state["grad_avg"] for state in chosen] if hp.centered else [],
+            [state["momentum_buffer"] for state in chosen] if hp.momentum > 0 else [],
+            [state["step"] for state in chosen],
+            hp,
+        )
+    encoded = sorted(set(range(len(params))) - set(full))
+    kinds = [(params[i].dtype, formats[i], states[i]["step"].dtype) for i in encoded]
+    for dtype, fmt, step_dtype in set(kinds):
+        chosen = [i for i, kind in zip(encoded, kinds, strict=True) if kind == (dtype, fmt, step_dtype)]
+
+        def addresses(key: str) -> np.ndarray | None:
+            if (key == "grad_avg" and not hp.centered) or (key == "momentum_buffer" and hp.momentum == 0):
+                return None
+            return np.array([states[i][key].data_ptr() for i in chosen], np.int64)
+
+        storage, compute = _KERNEL_TYPES[dtype]
+        square_key = "grad_variance" if hp.centered and fmt != "wide" else "square_avg"
+        common = (
+            np.array([params[i].numel() for i in chosen], np.int64),
+            np.array([states[i]["step"].data_ptr() for i in chosen], np.int64),
+            np.array([param_indices[i] for i in chosen], np.int64),
+        )
+        flags = (
+            float(hp.alpha),
+            hp.weight_decay != 0 and not hp.decoupled_weight_decay,
+            hp.bias_correction,
+            hp.nesterov,
+            hp.lr_in_momentum,
+        )
+        grads = np.array([params[i].grad.data_ptr() for i in chosen], np.int64)
+        param_addresses = np.array([params[i].data_ptr() for i in chosen], np.int64)
+        if fmt == "8bit":
+            kernels.rmsprop_step_8bit(
+                param_addresses,
+                grads,
+                addresses(square_key),
+                addresses(square_key + "_absmax"),
+                addresses("grad_avg"),
+                addresses("grad_avg_absmax") if hp.centered else None,
+                addresses("momentum_buffer"),
+                addresses("momentum_buffer_absmax") if hp.momentum > 0 else None,
+                *common,
+                np.empty(0, storage),
+                np.empty(0, _STEP_TYPES[step_dtype]),
+                kernel_scalars(hp, lr, compute),
+                *flags,
+                *_MAPS["signed"],
+                *_MAPS["unsigned"],
+            )
+        else:
+            state_storage = np.uint16 if fmt == "bf16" else np.float32
+            kernels.rmsprop_step_bf16(
+                param_addresses,
+                grads,
+                addresses(square_key),
+                addresses("grad_avg"),
+                addresses("momentum_buffer"),
+                *common,
+                np.empty(0, storage),
+                np.empty(0, state_storage),
+                np.empty(0, _STEP_TYPES[step_dtype]),
+                kernel_scalars(hp, lr, compute),
+                *flags,
+            )
+    torch.autograd.graph.increment_version(params)
+
+
+# Each map with the table of its code lookup.
+_MAPS = {
+    "signed": (SIGNED_MAP.numpy(), interval_table(SIGNED_MAP).numpy()),
+    "unsigned": (UNSIGNED_MAP.numpy(), interval_table(UNSIGNED_MAP).numpy()),
+}
 
 
 def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:

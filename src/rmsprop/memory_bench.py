@@ -284,10 +284,13 @@ def _label(mode: str) -> str:
     return {"full": "fp32", "bf16": "bf16", "8bit": "8-bit"}[mode]
 
 
-def run(seeds: int = 3, scale: float = 1.0, threads: int = 1) -> str:
-    """All three measurements as Markdown; ``scale`` multiplies the training steps."""
+def run(seeds: int = 3, scale: float = 1.0, threads: int = 1, step_time_only: bool = False) -> str:
+    """All three measurements as Markdown, or only the first (bytes and step time); ``scale``
+    multiplies the training steps."""
     torch.set_num_threads(threads)
     sections = [f"torch {torch.__version__}, {threads} thread(s), {seeds} seeds\n", memory_table(measure_memory())]
+    if step_time_only:
+        return "\n\n".join(sections) + "\n"
     runs = []
     for task, (_, steps) in TASKS.items():
         for config in CONFIGS:
@@ -321,12 +324,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the training steps (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, for stable timings)")
+    parser.add_argument(
+        "--step-time", action="store_true", help="only the bytes-per-parameter and step-time table (seconds, not minutes)"
+    )
     parser.add_argument("--output", help="also write the tables to this Markdown file")
     return parser
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    report = run(seeds=args.seeds, scale=args.scale, threads=args.threads)
+    report = run(seeds=args.seeds, scale=args.scale, threads=args.threads, step_time_only=args.step_time)
     print(report)
     if args.output:
         with open(args.output, "w") as file:

@@ -19,7 +19,15 @@ from torch.optim.optimizer import (
 
 from rmsprop import state_precision as low_precision
 from rmsprop.functional import Hyperparameters, rmsprop
-from rmsprop.fused import launch, missing_backend, unsupported_dtype_or_layout, unsupported_reason
+from rmsprop.fused import (
+    encoded_unsupported_reason,
+    fused_rmsprop_encoded,
+    launch,
+    missing_backend,
+    numba_available,
+    unsupported_dtype_or_layout,
+    unsupported_reason,
+)
 from rmsprop.fused_cache import FusedGroupCache
 from rmsprop.presets import preset_settings
 from rmsprop.validation import check_settings
@@ -105,9 +113,10 @@ class RMSprop(Optimizer):
             type. ``None`` takes it where it supports the tensors (dense
             contiguous CPU or CUDA tensors of float or complex dtype, with
             numba or triton installed) and ``foreach`` is ``None``; ``True``
-            requires it (default: None). Under ``torch.compile`` the step is
-            traced through the torch ops instead, which the compiler fuses
-            itself.
+            requires it (default: None). bf16 and 8-bit state have CPU
+            kernels of their own, from a parameter's second step on. Under
+            ``torch.compile`` the step is traced through the torch ops
+            instead, which the compiler fuses itself.
 
     Non-finite gradients are not filtered: like ``torch.optim``, NaN and inf
     propagate into the parameters. ``torch.amp.GradScaler`` is the tool that
@@ -378,8 +387,9 @@ class RMSprop(Optimizer):
             for group_index, group in enumerate(self.param_groups):
                 if group["state_precision"] == "full":
                     self._convert_state(group_index)
-        # Every group is gathered and checked before any is stepped.
-        prepared: list[tuple[int, tuple[list[Tensor], ...] | None, bool]] = []
+        # Every group is gathered and checked before any is stepped. The last entry
+        # is whether to fuse a full-precision group, or which params of a low-precision group.
+        prepared: list[tuple[int, tuple[list[Tensor], ...] | None, Any]] = []
         for group_index, group in enumerate(self.param_groups):
             if group_index in cached_gradients:
                 prepared.append((group_index, None, True))
@@ -387,7 +397,7 @@ class RMSprop(Optimizer):
             # A stale cache would keep replaced tensors alive.
             self._fused_caches.pop(group_index, None)
             if group["state_precision"] != "full":
-                prepared.append((group_index, None, False))
+                prepared.append((group_index, None, self._fused_low_precision_params(group_index)))
                 continue
             tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *tensors)
@@ -409,7 +419,7 @@ class RMSprop(Optimizer):
                 launch(cache.parts, cache.params, cached_gradients[group_index], Hyperparameters.from_group(group))
                 continue
             if tensors is None:
-                self._step_low_precision(group_index)
+                self._step_low_precision(group_index, fused)
                 continue
             rmsprop(
                 *tensors,
@@ -426,12 +436,54 @@ class RMSprop(Optimizer):
         # Remembered so that all-"full" optimizers skip the per-parameter format checks.
         self._low_precision_used = any(g["state_precision"] != "full" for g in self.param_groups)
 
-    def _step_low_precision(self, group_index: int) -> None:
+    def _fused_low_precision_params(self, group_index: int) -> list[tuple[int, Tensor, str]]:
+        """(position, param, format) of the params of a low-precision group that the fused kernels step.
+
+        The others are stepped per tensor (:func:`rmsprop.state_precision.step_encoded`):
+        all without fused, and those whose state the step creates or converts
+        (first step, a changed precision or setting), which decodes any stored
+        form and encodes the group's with one rounding. With ``fused=True`` a
+        tensor the kernels cannot take raises ``RuntimeError``.
+        """
+        group = self.param_groups[group_index]
+        if not _fused_wanted(group) or not numba_available():
+            return []
+        chosen = []
+        for param_index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            fmt = low_precision.target_format(p, group["state_precision"], group["min_8bit_size"])
+            state = self.state.get(p)
+            if not low_precision.holds_group_layout(state, p, group, fmt):
+                continue
+            reason = encoded_unsupported_reason(p, state, fmt)
+            if reason is None:
+                chosen.append((self._first_param_index(group_index) + param_index, p, fmt))
+            elif group["fused"]:
+                raise RuntimeError(
+                    f"fused=True cannot take this step: {_describe(group, group_index, param_index)}: {reason}; "
+                    "fused=None falls back to the other paths"
+                )
+        return chosen
+
+    def _step_low_precision(self, group_index: int, fused: list[tuple[int, Tensor, str]]) -> None:
         group = self.param_groups[group_index]
         # The step itself decodes any stored form and encodes the group's: one rounding, not two.
         self._convert_state(group_index, skip_params_with_grads=True)
+        fused_rmsprop_encoded(
+            [p for _, p, _ in fused],
+            [self.state[p] for _, p, _ in fused],
+            [fmt for _, _, fmt in fused],
+            [index for index, _, _ in fused],
+            Hyperparameters.from_group(group),
+        )
+        fused_params = {id(p) for _, p, _ in fused}
         start = self._first_param_index(group_index)
-        indexed = [(index, p) for index, p in enumerate(group["params"], start=start) if p.grad is not None]
+        indexed = [
+            (index, p)
+            for index, p in enumerate(group["params"], start=start)
+            if p.grad is not None and id(p) not in fused_params
+        ]
         params = [p for _, p in indexed]
         low_precision.step_encoded(
             params,
@@ -462,20 +514,21 @@ def _check_fused_params(params: list[Tensor]) -> None:
             raise ValueError(f"Invalid fused: True ({reason}; fused=None falls back to the other paths)")
 
 
-def _use_fused(group: dict[str, Any], tensors: tuple[list[Tensor], ...]) -> bool:
+def _fused_wanted(group: dict[str, Any]) -> bool:
     """``fused=None`` means: the fused kernel where it supports the tensors, unless foreach is set."""
-    if not (tensors[0] and _may_use_fused(group)) or torch.compiler.is_compiling():
-        # torch.compile cannot trace into numba; it fuses the traced torch ops itself.
+    if group["fused"] is False or (group["fused"] is None and group["foreach"] is not None):
+        return False
+    # torch.compile cannot trace into numba; it fuses the traced torch ops itself.
+    return not torch.compiler.is_compiling()
+
+
+def _use_fused(group: dict[str, Any], tensors: tuple[list[Tensor], ...]) -> bool:
+    if not (tensors[0] and _fused_wanted(group)):
         return False
     reason = unsupported_reason(*tensors, differentiable=group["differentiable"], capturable=group["capturable"])
     if reason is not None and group["fused"]:
         raise RuntimeError(f"fused=True cannot take this step: {reason}; fused=None falls back to the other paths")
     return reason is None
-
-
-def _may_use_fused(group: dict[str, Any]) -> bool:
-    """Whether the group's settings let it take the fused path (its tensors decide the rest)."""
-    return not (group["fused"] is False or (group["fused"] is None and group["foreach"] is not None))
 
 
 def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:

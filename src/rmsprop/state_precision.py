@@ -57,20 +57,21 @@ Tensors with fewer than ``min_8bit_size`` elements, and complex parameters in
 every mode, keep their state at fp32 or the parameter's dtype, whichever is
 wider.
 
-Randomness. The rounding noise of each stored buffer at each step comes from
-its own generator, seeded by a hash of (parameter's position in the
-optimizer, buffer name, step count). It touches no global RNG (so data order
-and dropout draw the same numbers as with fp32 state), and it is a function of
-the state alone: a run resumed from a state dict rounds exactly as the
-uninterrupted run, and two runs with the same inputs are bit-identical.
+Randomness. The rounding noise of buffer ``key`` of the parameter at position
+``i`` in the optimizer at step ``t`` is a SplitMix64 stream seeded by a hash of
+``(i, key, t)`` (:func:`rounding_seed`), one 64-bit output per element, by its
+index (:func:`rounding_bits`). It touches no global RNG (so data order and
+dropout draw the same numbers as with fp32 state), and it is a function of the
+state alone: a run resumed from a state dict rounds exactly as the
+uninterrupted run, and two runs with the same inputs are bit-identical. Being
+counter-based, it lets the fused kernels (:func:`rmsprop.fused.fused_rmsprop_encoded`)
+draw each element's bits on their own, block by block on any thread, the same
+bits as here.
 
-For a fused kernel: the codec is a pure function of ``(x, qmap, noise)``
-(:func:`quantize_blockwise`, :func:`stochastic_round_bf16`) and
-``(codes, absmax, qmap)`` (:func:`dequantize_blockwise`). A kernel that
-processes one block of :data:`BLOCK_SIZE` elements can read ``qmap`` (256
-fp32, :data:`SIGNED_MAP` / :data:`UNSIGNED_MAP`), decode, apply the rule,
-reduce the block's new absmax and encode in one pass, given the uniform noise
-from :func:`rounding_generator`.
+This per-tensor path (:func:`step_encoded`, the optimizer's ``fused=False``)
+is the readable reference of those kernels: they decode, apply the rule and
+encode one block of :data:`BLOCK_SIZE` elements at a time, with the same maps,
+code lookup (:func:`interval_table`) and noise.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ from rmsprop.functional import Hyperparameters, rmsprop
 
 __all__ = [
     "BLOCK_SIZE",
+    "KEY_SHIFT",
     "SIGNED_MAP",
     "UNSIGNED_MAP",
     "bf16_noise",
@@ -94,14 +96,19 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "encode_state",
+    "holds_group_layout",
+    "interval_table",
     "is_in_format",
     "mean_weight",
     "quantize_blockwise",
-    "rounding_generator",
+    "rounding_bits",
+    "rounding_seed",
     "state_bytes",
     "step_encoded",
     "stochastic_round_bf16",
+    "stored_keys",
     "target_format",
+    "uniform_noise",
 ]
 
 BLOCK_SIZE = 256
@@ -147,14 +154,14 @@ UNSIGNED_MAP = dynamic_map(signed=False)
 # bits, selects an interval 2^-10 wide (relative) that holds at most one map
 # value, so the count of map values below the interval, plus one comparison,
 # gives the map index.
-_KEY_SHIFT = 13
-_KEY_MASK = (1 << (32 - _KEY_SHIFT)) - 1
+KEY_SHIFT = 13
+_KEY_MASK = (1 << (32 - KEY_SHIFT)) - 1
 
 
 def _interval_table(qmap: Tensor) -> Tensor:
     keys = torch.arange(_KEY_MASK + 1, dtype=torch.int32)
-    low_end = (keys << _KEY_SHIFT).view(torch.float32)
-    high_end = ((keys << _KEY_SHIFT) | ((1 << _KEY_SHIFT) - 1)).view(torch.float32)
+    low_end = (keys << KEY_SHIFT).view(torch.float32)
+    high_end = ((keys << KEY_SHIFT) | ((1 << KEY_SHIFT) - 1)).view(torch.float32)
     lows, highs = torch.minimum(low_end, high_end), torch.maximum(low_end, high_end)
     below = torch.searchsorted(qmap, lows)
     finite = torch.isfinite(lows) & torch.isfinite(highs)
@@ -166,29 +173,78 @@ def _interval_table(qmap: Tensor) -> Tensor:
 _INTERVALS = {id(SIGNED_MAP): _interval_table(SIGNED_MAP), id(UNSIGNED_MAP): _interval_table(UNSIGNED_MAP)}
 
 
+def interval_table(qmap: Tensor) -> Tensor:
+    """The int32 table of :func:`_lower_index` for :data:`SIGNED_MAP` or :data:`UNSIGNED_MAP`
+    (entry ``key`` of ``x``: the fp32 bits of ``x`` shifted right by :data:`KEY_SHIFT`, unsigned)."""
+    return _INTERVALS[id(qmap)]
+
+
 def _lower_index(qmap: Tensor, x: Tensor) -> Tensor:
     """int32 ``i`` in [0, 254] with ``qmap[i] < x <= qmap[i+1]``, or the nearest end of the map."""
     table = _INTERVALS.get(id(qmap))
     if table is None or x.device.type != "cpu":
         return torch.searchsorted(qmap, x, out_int32=True).clamp_(1, qmap.numel() - 1).sub_(1)
-    keys = (x.view(torch.int32) >> _KEY_SHIFT).bitwise_and_(_KEY_MASK)
+    keys = (x.view(torch.int32) >> KEY_SHIFT).bitwise_and_(_KEY_MASK)
     below = torch.index_select(table, 0, keys)
     return below.add_(torch.index_select(qmap, 0, below) < x).clamp_(1, qmap.numel() - 1).sub_(1)
 
 
+# SplitMix64 (Steele, Lea and Flood, 2014; reference C code: Vigna's splitmix64.c):
+# the state advances by _GAMMA and each output is the state mixed by _MIX_1 and _MIX_2.
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX_1 = 0xBF58476D1CE4E5B9
+_MIX_2 = 0x94D049BB133111EB
+_UINT64 = (1 << 64) - 1
+
+
 def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    """The first output of SplitMix64 from state ``value``."""
+    value = (value + _GAMMA) & _UINT64
+    value = ((value ^ (value >> 30)) * _MIX_1) & _UINT64
+    value = ((value ^ (value >> 27)) * _MIX_2) & _UINT64
     return value ^ (value >> 31)
 
 
-def rounding_generator(param_index: int, key: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of the rounding noise of buffer ``key`` of parameter ``param_index`` at ``step``."""
+def rounding_seed(param_index: int, key: str, step: int) -> int:
+    """The seed (64 bits) of the rounding noise of buffer ``key`` of parameter ``param_index`` at ``step``."""
     seed = _splitmix64(param_index)
     seed = _splitmix64(seed ^ STORED.index(key))
-    seed = _splitmix64(seed ^ step)
-    return torch.Generator(device=device).manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    return _splitmix64(seed ^ step)
+
+
+def _int64(value: int) -> int:
+    """An unsigned 64-bit value as the signed int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def rounding_bits(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+    """64 random bits (int64) per element: element ``i`` of the flattened shape gets output ``i + 1`` of
+    SplitMix64 from state ``seed``.
+
+    Counter-based, so any element's bits can be computed on their own: the
+    fused kernel (:mod:`rmsprop._numba_kernels`) draws the same bits for the
+    same element, block by block. int64 arithmetic wraps as uint64 does.
+    """
+    numel = math.prod(shape)
+    x = torch.arange(1, numel + 1, dtype=torch.int64, device=device) * _int64(_GAMMA) + _int64(seed)
+    x = (x ^ _shift_right(x, 30)) * _int64(_MIX_1)
+    x = (x ^ _shift_right(x, 27)) * _int64(_MIX_2)
+    return (x ^ _shift_right(x, 31)).reshape(shape)
+
+
+def bf16_noise(bits: Tensor) -> Tensor:
+    """int32 noise uniform in ``[0, 2^16)`` for :func:`stochastic_round_bf16`: the top 16 of ``bits``."""
+    return _shift_right(bits, 48).to(torch.int32)
+
+
+def uniform_noise(bits: Tensor) -> Tensor:
+    """fp32 noise uniform in ``[0, 1)`` for :func:`quantize_blockwise`: the top 24 of ``bits``, exact in fp32."""
+    return _shift_right(bits, 40).to(torch.float32) * 2.0**-24
 
 
 def stochastic_round_bf16(x: Tensor, noise: Tensor) -> Tensor:
@@ -201,10 +257,6 @@ def stochastic_round_bf16(x: Tensor, noise: Tensor) -> Tensor:
     bits = x.contiguous().view(torch.int32)
     rounded = (bits + noise).bitwise_and_(-(1 << 16)).view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
-
-
-def bf16_noise(x: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device)
 
 
 def quantize_blockwise(x: Tensor, qmap: Tensor, uniform: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -289,6 +341,19 @@ def is_in_format(state: Mapping[str, Any], p: Tensor, fmt: str) -> bool:
     return True
 
 
+def stored_keys(state: Mapping[str, Any]) -> list[str]:
+    """The buffers held in ``state`` (each 8-bit one with its ``<key>_absmax`` beside it)."""
+    return [key for key in STORED if key in state]
+
+
+def holds_group_layout(state: Mapping[str, Any], p: Tensor, group: Mapping[str, Any], fmt: str) -> bool:
+    """Whether ``p``'s state is stored as ``fmt`` with exactly the buffers ``group``'s settings use,
+    so that a step needs neither to convert nor to create any."""
+    if not state or not is_in_format(state, p, fmt):
+        return False
+    return ("grad_avg" in state) == group["centered"] and ("momentum_buffer" in state) == (group["momentum"] > 0)
+
+
 def mean_weight(group: Mapping[str, Any], state: Mapping[str, Any]) -> float:
     """``1/c`` with bias correction ``c = 1 - alpha^t`` at the state's step, else 1.
 
@@ -339,7 +404,7 @@ def encode_state(
 
     In ``"bf16"`` and ``"8bit"`` with a ``grad_avg``, ``square_avg`` is stored
     as ``grad_variance = max(square_avg - weight * grad_avg^2, 0)``. The
-    rounding noise comes from :func:`rounding_generator` at the state's step.
+    rounding noise comes from :func:`rounding_bits` at the state's step.
     """
     stored = dict(values)
     if fmt in ("bf16", "8bit") and "grad_avg" in stored:
@@ -353,11 +418,11 @@ def encode_state(
         if fmt in ("full", "wide"):
             state[key] = value.to(_stored_dtype(p, fmt))
             continue
-        generator = rounding_generator(param_index, key, step, value.device)
+        bits = rounding_bits(rounding_seed(param_index, key, step), value.shape, value.device)
         if fmt == "bf16":
-            state[key] = stochastic_round_bf16(value.to(torch.float32), bf16_noise(value, generator))
+            state[key] = stochastic_round_bf16(value.to(torch.float32), bf16_noise(bits))
             continue
-        uniform = torch.rand(value.shape, generator=generator, device=value.device)
+        uniform = uniform_noise(bits)
         if key in _ROOTS:
             state[key], state[key + _ABSMAX] = quantize_blockwise(value.clamp(min=0).sqrt_(), UNSIGNED_MAP, uniform)
         else:

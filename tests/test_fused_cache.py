@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rmsprop.optimizer
 from rmsprop import RMSprop
@@ -222,3 +224,35 @@ def test_the_cache_is_dropped_when_the_group_leaves_the_fused_path():
     optimizer.param_groups[0]["fused"] = False
     optimizer.step()
     assert optimizer._fused_caches == {}
+
+
+# Changes a training script may make between steps, drawn in any order by hypothesis.
+_CHANGES = {
+    "new gradients": lambda optimizer, params, step: None,
+    "drop a gradient": _drop_some_grads,
+    "move a param": lambda optimizer, params, step: _move_a_param(optimizer, params, 3),
+    "replace a buffer": lambda optimizer, params, step: _replace_a_buffer(optimizer, params, 2),
+    "replace the state dicts": lambda optimizer, params, step: _replace_param_states(optimizer, params, 3),
+    "reload the state": lambda optimizer, params, step: _reload_state(optimizer, params, 2),
+    "switch on momentum and centered": lambda optimizer, params, step: _switch_on_momentum_and_centered(
+        optimizer, params, 3
+    ),
+    "change lr": _change_lr,
+    "non-contiguous gradient": lambda optimizer, params, step: _non_contiguous_grad(optimizer, params, 3),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    script=st.lists(st.sampled_from(sorted(_CHANGES)), min_size=1, max_size=6),
+    settings_index=st.integers(0, 2),
+)
+def test_any_sequence_of_changes_gives_the_for_loop_result(script, settings_index):
+    settings_ = [{}, {"momentum": 0.5, "centered": True, "weight_decay": 0.1}, {"nesterov": True, "momentum": 0.5}]
+
+    def change(optimizer, params, step):
+        # From the second step, when there is state to change.
+        if step > 0:
+            _CHANGES[script[(step - 1) % len(script)]](optimizer, params, step)
+
+    _assert_same_run(change, **settings_[settings_index])

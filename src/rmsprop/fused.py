@@ -58,6 +58,7 @@ from rmsprop.state_precision import SIGNED_MAP, UNSIGNED_MAP, interval_table, nu
 
 __all__ = [
     "Part",
+    "all_plain_strided_contiguous",
     "encoded_unsupported_reason",
     "fused_rmsprop",
     "fused_rmsprop_encoded",
@@ -176,15 +177,19 @@ def unsupported_reason(
     return None
 
 
+def all_plain_strided_contiguous(tensors: list[Tensor]) -> bool:
+    """Whether every tensor is a plain (or Parameter) dense contiguous tensor, in C-level passes."""
+    return (
+        set(map(type, tensors)) <= _PLAIN_TYPES
+        and set(map(_LAYOUT, tensors)) <= {torch.strided}
+        and all(map(Tensor.is_contiguous, tensors))
+    )
+
+
 def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_steps: list[Tensor]) -> bool:
     """The check of :func:`unsupported_reason`, one C-level pass per property (~1 us per parameter)."""
-    for tensors in (params, *buffers):
-        if not (
-            set(map(type, tensors)) <= _PLAIN_TYPES
-            and set(map(_LAYOUT, tensors)) <= {torch.strided}
-            and all(map(Tensor.is_contiguous, tensors))
-        ):
-            return False
+    if not all(map(all_plain_strided_contiguous, (params, *buffers))):
+        return False
     dtypes, shapes, devices = list(map(_DTYPE, params)), list(map(_SHAPE, params)), list(map(_DEVICE, params))
     if not (set(dtypes) <= _SUPPORTED_DTYPES and {device.type for device in set(devices)} <= _DEVICE_TYPES):
         return False
@@ -213,12 +218,16 @@ def _first_unsupported(params: list[Tensor], buffers: dict[str, list[Tensor]], s
             if reason is None and tensor.device != param.device:
                 reason = f"the {what} of parameter {i} is on {tensor.device}, the parameter on {param.device}"
             reason = reason or unsupported_dtype_or_layout(tensor, f"the {what} of parameter {i}")
-        step = state_steps[i]
-        if reason is None and not (step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1):
+        if reason is None and not _step_fits(state_steps[i]):
             reason = f"the 'step' of parameter {i} is not a 1-element float32 or float64 CPU tensor"
         if reason is not None:
             return reason
     return None
+
+
+def _step_fits(step: Tensor) -> bool:
+    """Whether the kernels can read and increment this 'step' tensor."""
+    return step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1
 
 
 class Part(NamedTuple):
@@ -334,6 +343,13 @@ def _run_numba(call: NumbaCall, grads: list[Tensor], hp: Hyperparameters) -> Non
         np.empty(0, call.storage),
         np.empty(0, call.step_type),
         kernel_scalars(hp, float(hp.lr), call.compute),
+        *_kernel_flags(hp),
+    )
+
+
+def _kernel_flags(hp: Hyperparameters) -> tuple[float, bool, bool, bool, bool]:
+    """The kernels' arguments after ``scalars``: alpha as a float64 (for the bias correction) and the flags."""
+    return (
         float(hp.alpha),
         hp.weight_decay != 0 and not hp.decoupled_weight_decay,
         hp.bias_correction,
@@ -378,8 +394,7 @@ def encoded_unsupported_reason(p: Tensor, state: dict, fmt: str) -> str | None:
         return f"the gradient is {p.grad.dtype} of shape {tuple(p.grad.shape)}, the parameter {p.dtype} of shape {tuple(p.shape)}"
     if fmt != "wide" and p.dtype not in _KERNEL_TYPES:
         return f"the parameter is {p.dtype}; low-precision state is fused for float32, float64, bfloat16 and float16"
-    step = state["step"]
-    if not (step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1):
+    if not _step_fits(state["step"]):
         return "its 'step' is not a 1-element float32 or float64 CPU tensor"
     for key in stored_keys(state):
         expected = _STATE_DTYPES.get(fmt, torch.float32 if p.dtype in _HALF else p.dtype)
@@ -441,24 +456,19 @@ def fused_rmsprop_encoded(
         def addresses(key: str) -> np.ndarray | None:
             if (key == "grad_avg" and not hp.centered) or (key == "momentum_buffer" and hp.momentum == 0):
                 return None
-            return np.array([states[i][key].data_ptr() for i in chosen], np.int64)
+            return _addresses([states[i][key] for i in chosen])
 
         storage, compute = _KERNEL_TYPES[dtype]
         square_key = "grad_variance" if hp.centered and fmt != "wide" else "square_avg"
+        chosen_params = [params[i] for i in chosen]
         common = (
-            np.array([params[i].numel() for i in chosen], np.int64),
-            np.array([states[i]["step"].data_ptr() for i in chosen], np.int64),
+            np.array([p.numel() for p in chosen_params], np.int64),
+            addresses("step"),
             np.array([param_indices[i] for i in chosen], np.int64),
         )
-        flags = (
-            float(hp.alpha),
-            hp.weight_decay != 0 and not hp.decoupled_weight_decay,
-            hp.bias_correction,
-            hp.nesterov,
-            hp.lr_in_momentum,
-        )
-        grads = np.array([params[i].grad.data_ptr() for i in chosen], np.int64)
-        param_addresses = np.array([params[i].data_ptr() for i in chosen], np.int64)
+        flags = _kernel_flags(hp)
+        grads = _addresses([p.grad for p in chosen_params])
+        param_addresses = _addresses(chosen_params)
         if fmt == "8bit":
             kernels.rmsprop_step_8bit(
                 param_addresses,

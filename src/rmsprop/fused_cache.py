@@ -32,15 +32,13 @@ from itertools import compress, repeat
 from operator import attrgetter, is_, is_not
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from rmsprop.fused import Part, prepare
+from rmsprop.fused import _DTYPE, _IS_CPU, _SHAPE, Part, all_plain_strided_contiguous, prepare
 
 __all__ = ["FusedGroupCache"]
 
-_GRAD, _SHAPE, _DTYPE, _LAYOUT, _IS_CPU = (attrgetter(name) for name in ("grad", "shape", "dtype", "layout", "is_cpu"))
-_PLAIN_TYPES = {Tensor, torch.nn.Parameter}
+_GRAD = attrgetter("grad")
 
 
 class FusedGroupCache:
@@ -103,12 +101,10 @@ class FusedGroupCache:
     def _gradients_fit(self, grads: list[Tensor]) -> bool:
         dtypes = set(map(_DTYPE, grads)) if self._one_dtype else list(map(_DTYPE, grads))
         return (
-            set(map(type, grads)) <= _PLAIN_TYPES
-            and set(map(_LAYOUT, grads)) == {torch.strided}
+            all_plain_strided_contiguous(grads)
             and all(map(_IS_CPU, grads))
             and dtypes == (self._one_dtype or self._dtypes)
             and list(map(_SHAPE, grads)) == self._shapes
-            and all(map(Tensor.is_contiguous, grads))
         )
 
     def _state_unchanged(self, state: Mapping[Tensor, dict[str, Any]]) -> bool:

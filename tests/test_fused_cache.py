@@ -185,12 +185,17 @@ def test_a_copied_optimizer_steps_its_own_tensors(duplicate):
         assert not torch.equal(twin, old)
 
 
-def test_a_sparse_gradient_after_cached_steps_is_refused_before_any_change():
+def _after_two_cached_steps() -> tuple[list[torch.nn.Parameter], RMSprop]:
     params = _params()
     optimizer = RMSprop(params)
     for step in range(2):
         _new_grads(params, step)
         optimizer.step()
+    return params, optimizer
+
+
+def test_a_sparse_gradient_after_cached_steps_is_refused_before_any_change():
+    params, optimizer = _after_two_cached_steps()
     _new_grads(params, 2)
     params[2].grad = params[2].grad.to_sparse()
     before = copy.deepcopy(optimizer.state_dict())
@@ -203,11 +208,7 @@ def test_a_sparse_gradient_after_cached_steps_is_refused_before_any_change():
 
 
 def test_a_model_changed_after_cached_steps_gets_the_state_error():
-    params = _params()
-    optimizer = RMSprop(params)
-    for step in range(2):
-        _new_grads(params, step)
-        optimizer.step()
+    params, optimizer = _after_two_cached_steps()
     for p in params:
         p.data = p.data.double()
     _new_grads(params, 2)

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 
+import rmsprop._cpp_kernels
 import rmsprop.fused
 from rmsprop import RMSprop, reference
 from rmsprop.fused import unsupported_reason
@@ -436,24 +437,55 @@ def test_unsupported_reason_names_a_state_tensor_on_another_device():
     assert reason == "the gradient of parameter 0 is on meta, the parameter on cpu"
 
 
-@pytest.mark.parametrize(
-    ("device", "available", "message"),
-    [
-        ("cuda", "triton_available", "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"),
-        ("cpu", "numba_available", "numba is not installed (the fused path on CPU tensors is a numba kernel)"),
-    ],
-)
-def test_missing_backend_names_the_compiler_each_device_needs(monkeypatch, device, available, message):
-    """A CUDA step needs triton, a CPU step numba; checked from the device, so no GPU is needed here."""
-    monkeypatch.setattr(rmsprop.fused, available, lambda: False)
-    assert rmsprop.fused.missing_backend(torch.device(device)) == message
+def test_missing_backend_names_what_a_cuda_step_needs(monkeypatch):
+    """Checked from the device, so no GPU is needed here."""
+    monkeypatch.setattr(rmsprop.fused, "triton_available", lambda: False)
+    message = "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"
+    assert rmsprop.fused.missing_backend(torch.device("cuda")) == message
 
 
-def test_fused_true_without_numba_names_the_argument(monkeypatch):
+def test_missing_backend_on_cpu_needs_a_compiler_or_numba(monkeypatch):
     monkeypatch.setattr(rmsprop.fused, "numba_available", lambda: False)
-    with pytest.raises(ValueError, match=r"Invalid fused: True \(numba is not installed"):
+    assert rmsprop.fused.missing_backend(torch.device("cpu")) is None
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert rmsprop.fused.missing_backend(torch.device("cpu")) == (
+        "no C++ compiler ('no-such-compiler') on PATH: the fused CPU path compiles a C++ kernel, "
+        "as torch.compile does, and numba (the other CPU kernel) is not installed"
+    )
+
+
+def test_fused_true_without_a_compiler_or_numba_names_the_argument(monkeypatch):
+    monkeypatch.setattr(rmsprop.fused, "numba_available", lambda: False)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(no C\+\+ compiler"):
         RMSprop([torch.nn.Parameter(torch.ones(2))], fused=True)
-    assert not _uses_fused(monkeypatch, RMSprop([_with_grad(torch.ones(2))]))
+
+
+@pytest.fixture
+def numba_instead_of_cpp(monkeypatch):
+    """The C++ kernel reported unbuildable: the fused CPU path takes the numba kernel."""
+    monkeypatch.setattr(rmsprop._cpp_kernels, "build_problem", lambda: "the C++ kernel failed to build: test")
+    monkeypatch.setattr(rmsprop.fused, "_warn_numba_fallback", lambda reason: None)
+    calls = []
+    original = rmsprop.fused._run_numba
+    monkeypatch.setattr(rmsprop.fused, "_run_numba", lambda *args: (calls.append(1), original(*args)))
+    yield
+    assert calls, "the numba kernel was not called"
+
+
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::5], ids=_combination_id)
+def test_without_the_cpp_kernel_the_numba_kernel_equals_for_loop(numba_instead_of_cpp, flags):
+    fused, loop = _fused_and_loop(flags, torch.float32, torch.float32)
+    for actual, expected in zip(fused, loop, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_numba(monkeypatch):
+    monkeypatch.setattr(rmsprop._cpp_kernels, "build_problem", lambda: "the C++ kernel failed to build: test")
+    rmsprop.fused._warn_numba_fallback.cache_clear()
+    with pytest.warns(UserWarning, match="failed to build: test; the fused CPU path uses its numba kernel instead"):
+        assert rmsprop.fused.cpu_kernel() is None
+    rmsprop.fused._warn_numba_fallback.cache_clear()
 
 
 # --- low-precision state ------------------------------------------------------------

@@ -3,7 +3,7 @@
 Without a GPU, the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``
 while its module is imported), which executes the same kernel source with
 NumPy on CPU tensors. The ``triton_on_cpu`` fixture hands the fused path's CPU
-tensors to the Triton launcher instead of numba, so ``RMSprop(fused=True)``
+tensors to the Triton launcher instead of the C++ kernel, so ``RMSprop(fused=True)``
 steps through the Triton kernel, and the checks of tests/test_fused.py apply
 with its tolerances: against torch's for-loop path (float32 every flag
 combination; bfloat16/float16 against the float32 for-loop rounded each step;
@@ -31,6 +31,7 @@ import torch
 pytest.importorskip("triton")
 
 import rmsprop.fused  # noqa: E402
+import rmsprop.optimizer  # noqa: E402
 from rmsprop import RMSprop  # noqa: E402
 from rmsprop.functional import Hyperparameters  # noqa: E402
 from test_fused import (  # noqa: E402
@@ -83,20 +84,21 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.fixture
 def triton_on_cpu(monkeypatch):
-    """The fused path's CPU tensors go to the Triton kernel (in the interpreter), not to numba.
+    """The fused path's CPU tensors go to the Triton kernel (in the interpreter), not to the C++ kernel.
 
     Yields the chunking of the launches, which a test may change.
     """
     calls = []
     chunking = {"block": 64, "blocks_per_chunk": 1}
 
-    def triton_step(lists, grads, hp):
+    def triton_step(*tensor_lists_and_hp):
         calls.append(1)
-        params, *state = lists
-        kernels.rmsprop_step(params, grads, *state, hp, float(hp.lr), **chunking)
+        hp = tensor_lists_and_hp[-1]
+        kernels.rmsprop_step(*tensor_lists_and_hp, float(hp.lr), **chunking)
 
-    cuda = rmsprop.fused._BACKENDS["cuda"]
-    monkeypatch.setitem(rmsprop.fused._BACKENDS, "cpu", cuda._replace(run=triton_step))
+    monkeypatch.setitem(rmsprop.fused._BACKENDS, "cpu", triton_step)
+    # Steps after the first would otherwise go to the C++ kernel, which gathers the tensors itself.
+    monkeypatch.setattr(rmsprop.optimizer, "cpu_kernel", lambda: None)
     yield chunking
     assert calls, "the Triton kernel was not called"
 
@@ -227,9 +229,7 @@ def _train_cuda(dtype: torch.dtype, settings: dict, **path) -> tuple[RMSprop, li
 def _triton_launches(monkeypatch) -> list:
     calls = []
     cuda = rmsprop.fused._BACKENDS["cuda"]
-    monkeypatch.setitem(
-        rmsprop.fused._BACKENDS, "cuda", cuda._replace(run=lambda *args: (calls.append(1), cuda.run(*args)))
-    )
+    monkeypatch.setitem(rmsprop.fused._BACKENDS, "cuda", lambda *args: (calls.append(1), cuda(*args)))
     return calls
 
 

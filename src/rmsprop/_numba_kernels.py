@@ -1,5 +1,11 @@
 r"""numba kernels of the fused CPU path: the whole RMSProp step in one pass over memory.
 
+Two jobs: the kernels of low-precision state (bfloat16 and 8-bit, with
+stochastic rounding), and :func:`rmsprop_step`, the full-precision kernel on
+machines where the C++ kernel (``csrc/fused_step.cpp``) cannot be built; the
+two full-precision kernels compute the same operations in the same order and
+agree bit for bit.
+
 Imported lazily by :mod:`rmsprop.fused` (importing numba takes about a second). The
 kernels are compiled on first use and cached on disk (``cache=True``), so a
 later process loads them in milliseconds.
@@ -607,28 +613,3 @@ def rmsprop_step_8bit(
                 _encode_block(new_m, count, m_block, m_absmax, block, signed_map, signed_table, seeds[tensor, 1], first)
             if momentum_buffers is not None:
                 _encode_block(new_b, count, b_block, b_absmax, block, signed_map, signed_table, seeds[tensor, 2], first)
-
-
-@njit(parallel=True, cache=True)
-def stream_three_read_two_written(firsts, seconds, thirds, sizes, like):
-    """Memory traffic of a plain RMSProp step and nothing else: the benchmark's bound.
-
-    Reads the three tensors at each address triple and writes the first and
-    third back, chunked and threaded as :func:`rmsprop_step`. Adding
-    ``second - second`` leaves finite values as they were (up to the sign of
-    zero) but cannot be optimised away without fast-math.
-    """
-    owners, starts, ends = _chunks(sizes)
-    for chunk in prange(owners.size):
-        tensor = owners[chunk]
-        size = sizes[tensor]
-        start = starts[chunk]
-        end = ends[chunk]
-        a_chunk = carray(_pointer(firsts[tensor], like), size)[start:end]
-        b_chunk = carray(_pointer(seconds[tensor], like), size)[start:end]
-        c_chunk = carray(_pointer(thirds[tensor], like), size)[start:end]
-        for i in range(end - start):
-            second = b_chunk[i]
-            nothing = second - second
-            a_chunk[i] = a_chunk[i] + nothing
-            c_chunk[i] = c_chunk[i] + nothing

@@ -6,7 +6,7 @@ gets its own optimizer over the same parameters; after one first call
 the implementations take steps in turn, round after round, so that a change
 in the machine's load hits them all alike. The median ms per step is
 reported, with ratios to torch's for-loop and foreach steps and to a memory
-bound measured in the same rounds: a numba kernel that only moves memory in
+bound measured in the same rounds: a C++ loop that only moves memory in
 the step's own pattern (3 tensors read, 2 written, same chunks and threads),
 scaled to the bytes the case's step must move. Timings never enter tests.
 
@@ -19,10 +19,12 @@ moves (copy bandwidth). CI has no GPU: that mode is never run there.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,16 +117,13 @@ def _bound_step(params: list[torch.Tensor], state_of: RMSprop) -> Callable[[], A
         source = torch.empty(numel * 10 // 4, device=params[0].device)
         target = torch.empty_like(source)
         return lambda: target.copy_(source)
-    from rmsprop.fused import _kernels
+    from rmsprop.fused import cpu_kernel
 
-    kernels = _kernels()
-    addresses = [
-        np.array([t.data_ptr() for t in tensors], np.int64)
-        for tensors in (params, [p.grad for p in params], [state_of.state[p]["square_avg"] for p in params])
-    ]
-    sizes = np.array([p.numel() for p in params], np.int64)
-    like = np.empty(0, np.float32)
-    return lambda: kernels.stream_three_read_two_written(*addresses, sizes, like)
+    kernel = cpu_kernel()
+    if kernel is None:
+        raise RuntimeError("the memory bound is measured with the C++ kernel's loop, which is not available here")
+    tensors = (params, [p.grad for p in params], [state_of.state[p]["square_avg"] for p in params])
+    return lambda: kernel.stream_three_read_two_written(*tensors)
 
 
 def _implementations(
@@ -209,8 +208,12 @@ def _summary(case: Case, first: dict[str, float], times: dict[str, list[float]])
     }
 
 
-def fresh_process_first_step_ms(device: str = "cpu") -> dict[str, float]:
-    """In a new Python process, the first fused step (importing numba or triton, loading or compiling the kernel)."""
+def fresh_process_first_step_ms(device: str = "cpu", extensions_dir: str | None = None) -> dict[str, float]:
+    """In a new Python process, the first fused step (importing, loading or compiling the kernel).
+
+    ``extensions_dir`` sets ``TORCH_EXTENSIONS_DIR``: an empty one makes the
+    step build the C++ kernel from source, as on a machine's first run.
+    """
     sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"
     script = (
         "import time, torch\n"
@@ -221,9 +224,18 @@ def fresh_process_first_step_ms(device: str = "cpu") -> dict[str, float]:
         f"start = time.perf_counter(); opt.step(); {sync}; second = time.perf_counter() - start\n"
         "print(first * 1e3, second * 1e3)\n"
     )
-    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    environment = dict(os.environ, **({"TORCH_EXTENSIONS_DIR": extensions_dir} if extensions_dir else {}))
+    output = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=environment
+    ).stdout
     first, second = (float(value) for value in output.split())
     return {"first_step_ms": first, "second_step_ms": second}
+
+
+def _first_step_with_build_ms() -> float:
+    """The first fused CPU step of a fresh process that must build the C++ kernel (empty extension cache)."""
+    with tempfile.TemporaryDirectory() as empty:
+        return fresh_process_first_step_ms("cpu", empty)["first_step_ms"]
 
 
 def run_benchmark(
@@ -242,21 +254,19 @@ def run_benchmark(
         start = time.perf_counter()
         results.append(run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch, device=device))
         print(f"bench: {case.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    import numba
-
+    fresh = fresh_process_first_step_ms(device)
+    if device == "cpu" and not quick:
+        fresh["first_step_with_build_ms"] = _first_step_with_build_ms()
     return {
         "machine": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "numba": numba.__version__,
             "processor": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
-            "numba_threads": numba.get_num_threads(),
-            "numba_threading_layer": numba.threading_layer(),
             "quick": quick,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         },
-        "fresh_process": fresh_process_first_step_ms(device),
+        "fresh_process": fresh,
         "cases": results,
     }
 
@@ -265,11 +275,11 @@ def markdown_table(report: dict[str, Any]) -> str:
     """The report as markdown: one table row per (case, implementation)."""
     machine = report["machine"]
     fresh = report["fresh_process"]
+    build = fresh.get("first_step_with_build_ms")
     lines = [
-        f"torch {machine['torch']}, numba {machine['numba']} ({machine['numba_threading_layer']} layer), "
-        f"{machine['torch_threads']} torch threads, {machine['numba_threads']} numba threads, "
-        f"device {machine['device']}. "
-        f"Fused first step in a fresh process (import + kernel load or compile): {fresh['first_step_ms']:.0f} ms.",
+        f"torch {machine['torch']}, {machine['torch_threads']} torch threads, device {machine['device']}. "
+        f"Fused first step in a fresh process (import + kernel load): {fresh['first_step_ms']:.0f} ms"
+        + (f"; with an empty extension cache (C++ build): {build / 1e3:.1f} s." if build else "."),
         "",
         "| case | implementation | median ms/step | × faster than torch for-loop | × faster than torch foreach "
         "| × the memory bound | first call ms |",

@@ -6,10 +6,21 @@ Here one kernel reads each element of ``p``, ``g``, ``v`` (and ``m``, ``b``
 where used) once, applies the whole rule of :mod:`rmsprop.functional` in
 registers and writes ``p``, ``v`` (``m``, ``b``) back: a plain fp32 step moves
 20 bytes per parameter, the minimum. This module checks the tensors and picks
-the kernel by device: numba on CPU tensors (:mod:`rmsprop._numba_kernels`,
-all the tensors of a dtype in one call, spread over numba's threads), Triton
-on CUDA tensors (:mod:`rmsprop._triton_kernels`, one launch per dtype and
-device). Each is imported on its first step.
+the kernel by device:
+
+- CPU tensors: a C++ kernel (``csrc/fused_step.cpp``, built on first use by
+  :mod:`rmsprop._cpp_kernels` and cached), all tensors in one call, chunks
+  spread over torch's own intra-op threads. From a group's second step the
+  optimizer hands it the group's params and state mapping, and it gathers
+  and checks the gradients and buffers itself (0.3 us per tensor, against
+  ~5 us per tensor in Python). Where no C++ compiler is at hand (or the
+  build fails, with a warning), the numba kernel
+  (:mod:`rmsprop._numba_kernels`, one call per dtype) takes its place; the
+  two give the same results bit for bit.
+- CUDA tensors: a Triton kernel (:mod:`rmsprop._triton_kernels`, one launch
+  per dtype and device).
+
+Each is imported (or built) on its first step.
 
 Elements are computed in float32 (float64 for float64 tensors), so results
 equal the for-loop path within that type's rounding, not bit for bit: torch
@@ -17,10 +28,10 @@ rounds every intermediate tensor to the parameter's dtype, uses fused
 multiply-adds in some kernels (``add`` with ``alpha``, ``addcmul``, ``lerp``)
 and, on this AVX512 CPU, a float32 ``sqrt`` that is not correctly rounded
 (20% of its results on uniform inputs in [0.1, 1.1) differed by an ulp from
-IEEE ``sqrt``, which numba uses). ``fused=False`` keeps torch's numbers bit
-for bit.
+IEEE ``sqrt``, which the fused kernels use). ``fused=False`` keeps torch's
+numbers bit for bit.
 
-Supported: dense contiguous CPU tensors (with numba installed) or CUDA
+Supported: dense contiguous CPU tensors (with a C++ compiler or numba) or CUDA
 tensors (with triton installed) of float32, float64, bfloat16, float16,
 complex64 or complex128 (as pairs of reals), parameter, gradient and state of
 one dtype on one device, steps on the CPU (as torch keeps them without
@@ -43,11 +54,12 @@ a stochastic rounding threshold (one code, or one bfloat16 ulp, in rare elements
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 from functools import cache
 from operator import attrgetter
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,16 +69,15 @@ from rmsprop.functional import Hyperparameters
 from rmsprop.state_precision import SIGNED_MAP, UNSIGNED_MAP, interval_table, num_blocks, stored_keys
 
 __all__ = [
-    "Part",
     "all_plain_strided_contiguous",
+    "cpu_hyperparameters",
+    "cpu_kernel",
     "encoded_unsupported_reason",
     "fused_rmsprop",
     "fused_rmsprop_encoded",
     "kernel_scalars",
-    "launch",
     "missing_backend",
     "numba_available",
-    "prepare",
     "triton_available",
     "unsupported_dtype_or_layout",
     "unsupported_reason",
@@ -103,7 +114,9 @@ def triton_available() -> bool:
 def missing_backend(device: torch.device) -> str | None:
     """Why the fused kernel for ``device`` cannot run here (its compiler is not installed), or ``None``."""
     if device.type == "cpu" and not numba_available():
-        return "numba is not installed (the fused path on CPU tensors is a numba kernel)"
+        missing = _cpp_kernels().compiler_missing()
+        if missing is not None:
+            return f"{missing}, and numba (the other CPU kernel) is not installed"
     if device.type == "cuda" and not triton_available():
         return "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"
     return None
@@ -115,6 +128,14 @@ def _kernels() -> ModuleType:
     from rmsprop import _numba_kernels
 
     return _numba_kernels
+
+
+@cache
+def _cpp_kernels() -> ModuleType:
+    """The loader of the C++ kernel (it imports torch.utils.cpp_extension, which takes ~0.3 s)."""
+    from rmsprop import _cpp_kernels
+
+    return _cpp_kernels
 
 
 @cache
@@ -230,48 +251,6 @@ def _step_fits(step: Tensor) -> bool:
     return step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1
 
 
-class Part(NamedTuple):
-    """The tensors of one kernel launch: one device, one parameter dtype, one step dtype."""
-
-    positions: list[int] | None  # of the step's tensors; None: all of them
-    backend: Backend
-    prepared: Any  # what backend.prepare made of them
-
-
-def prepare(
-    params: list[Tensor],
-    square_avgs: list[Tensor],
-    grad_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    state_steps: list[Tensor],
-) -> list[Part]:
-    """What the kernels need to step these tensors, but the gradients: one part per launch.
-
-    Kept between steps by :mod:`rmsprop.fused_cache`. ``grad_avgs`` and
-    ``momentum_buffers`` are empty where the rule does not use them. The
-    inputs must pass :func:`unsupported_reason`.
-    """
-    parts = []
-    for (device, _, _), positions in _split_by_device_and_dtype(params, state_steps):
-
-        def chosen(tensors: list[Tensor]) -> list[Tensor]:
-            return tensors if positions is None or not tensors else [tensors[i] for i in positions]
-
-        backend = _BACKENDS[device.type]
-        lists = map(chosen, (params, square_avgs, grad_avgs, momentum_buffers, state_steps))
-        parts.append(Part(positions, backend, backend.prepare(*lists)))
-    return parts
-
-
-def launch(parts: list[Part], params: list[Tensor], grads: list[Tensor], hp: Hyperparameters) -> None:
-    """Step ``params`` (and their state, as :func:`prepare` made ``parts`` of them) with these gradients."""
-    for part in parts:
-        chosen = grads if part.positions is None else [grads[i] for i in part.positions]
-        part.backend.run(part.prepared, chosen, hp)
-    # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
-    torch.autograd.graph.increment_version(params)
-
-
 def fused_rmsprop(
     params: list[Tensor],
     grads: list[Tensor],
@@ -281,74 +260,112 @@ def fused_rmsprop(
     state_steps: list[Tensor],
     hp: Hyperparameters,
 ) -> None:
-    """Apply one RMSProp step in place, in one kernel call per device and dtype.
+    """Apply one RMSProp step in place, in one kernel call per device (and dtype, but in C++).
 
     Same contract as :func:`rmsprop.functional.rmsprop`; the inputs must pass
     :func:`unsupported_reason`.
     """
-    if params:
-        used = (grad_avgs if hp.centered else [], momentum_buffers if hp.momentum > 0 else [])
-        launch(prepare(params, square_avgs, *used, state_steps), params, grads, hp)
+    if not params:
+        return
+    used = (grad_avgs if hp.centered else [], momentum_buffers if hp.momentum > 0 else [])
+    lists = (params, grads, square_avgs, *used, state_steps)
+    for (device, _, _), positions in _split_by_device_and_dtype(params, state_steps):
+
+        def chosen(tensors: list[Tensor]) -> list[Tensor]:
+            return tensors if positions is None or not tensors else [tensors[i] for i in positions]
+
+        _BACKENDS[device.type](*map(chosen, lists), hp)
 
 
-class NumbaCall(NamedTuple):
-    """One numba kernel call over CPU tensors of one dtype, but the gradients' addresses."""
-
-    storage: type  # numpy type the kernel sees the elements as
-    compute: type  # numpy type the rule is computed in
-    step_type: type  # numpy type of the 'step' tensors
-    sizes: np.ndarray  # elements per tensor (complex: twice the numel)
-    params: np.ndarray
-    square_avgs: np.ndarray
-    grad_avgs: np.ndarray | None
-    momentum_buffers: np.ndarray | None
-    steps: np.ndarray
+def cpu_kernel() -> ModuleType | None:
+    """The C++ kernel (:mod:`rmsprop._cpp_kernels`), built or loaded on first use; ``None`` where it cannot be built."""
+    problem = _cpp_kernels().build_problem()
+    if problem is not None:
+        _warn_numba_fallback(problem)
+        return None
+    return _cpp_kernels().module()
 
 
-def _numba_call(
+@cache
+def _warn_numba_fallback(reason: str) -> None:
+    if numba_available():
+        warnings.warn(f"rmsprop: {reason}; the fused CPU path uses its numba kernel instead", stacklevel=3)
+
+
+def cpu_hyperparameters(kernel: ModuleType, hp: Hyperparameters) -> Any:
+    """``hp`` as the C++ kernel takes it (a tensor lr as its value)."""
+    return kernel.Hyperparameters(
+        float(hp.lr),
+        float(hp.alpha),
+        float(hp.eps),
+        float(hp.weight_decay),
+        float(hp.momentum),
+        hp.maximize,
+        hp.eps_in_sqrt,
+        hp.decoupled_weight_decay,
+        hp.bias_correction,
+        hp.nesterov,
+        hp.lr_in_momentum,
+    )
+
+
+def _run_cpu(
     params: list[Tensor],
+    grads: list[Tensor],
     square_avgs: list[Tensor],
     grad_avgs: list[Tensor],
     momentum_buffers: list[Tensor],
     state_steps: list[Tensor],
-) -> NumbaCall:
+    hp: Hyperparameters,
+) -> None:
+    """The C++ kernel, or the numba kernel where no C++ compiler is at hand."""
+    kernel = cpu_kernel()
+    if kernel is None:
+        _run_numba(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, hp)
+        return
+    plan = kernel.gather_tensors(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps)
+    if isinstance(plan, str):
+        raise RuntimeError(f"the fused CPU kernel cannot take these tensors: {plan}")
+    kernel.run(plan, cpu_hyperparameters(kernel, hp))
+
+
+def _run_numba(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+    hp: Hyperparameters,
+) -> None:
+    """One numba kernel call over CPU tensors of one dtype (see :func:`rmsprop._numba_kernels.rmsprop_step`)."""
+    if not numba_available():
+        raise RuntimeError(f"the fused CPU path has no kernel: {_cpp_kernels().build_problem()}, and numba is not installed")
+    kernels = _kernels()
+    _match_torch_threads()
     dtype = params[0].dtype
     storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
     # Complex tensors are updated as pairs of reals, like the for-loop path.
     sizes = np.fromiter(map(Tensor.numel, params), np.int64, len(params)) * (2 if dtype.is_complex else 1)
-    return NumbaCall(
-        storage,
-        compute,
-        _STEP_TYPES[state_steps[0].dtype],
-        sizes,
+    kernels.rmsprop_step(
         _addresses(params),
+        _addresses(grads),
         _addresses(square_avgs),
         _addresses(grad_avgs) if grad_avgs else None,
         _addresses(momentum_buffers) if momentum_buffers else None,
+        sizes,
         _addresses(state_steps),
-    )
-
-
-def _run_numba(call: NumbaCall, grads: list[Tensor], hp: Hyperparameters) -> None:
-    kernels = _kernels()
-    _match_torch_threads()
-    kernels.rmsprop_step(
-        call.params,
-        _addresses(grads),
-        call.square_avgs,
-        call.grad_avgs,
-        call.momentum_buffers,
-        call.sizes,
-        call.steps,
-        np.empty(0, call.storage),
-        np.empty(0, call.step_type),
-        kernel_scalars(hp, float(hp.lr), call.compute),
+        np.empty(0, storage),
+        np.empty(0, _STEP_TYPES[state_steps[0].dtype]),
+        kernel_scalars(hp, float(hp.lr), compute),
         *_kernel_flags(hp),
     )
+    # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
+    torch.autograd.graph.increment_version(params)
 
 
 def _kernel_flags(hp: Hyperparameters) -> tuple[float, bool, bool, bool, bool]:
-    """The kernels' arguments after ``scalars``: alpha as a float64 (for the bias correction) and the flags."""
+    """The numba kernels' arguments after ``scalars``: alpha as a float64 (for the bias correction) and the flags."""
     return (
         float(hp.alpha),
         hp.weight_decay != 0 and not hp.decoupled_weight_decay,
@@ -362,26 +379,24 @@ def _addresses(tensors: list[Tensor]) -> np.ndarray:
     return np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
 
 
-def _tensor_lists(*lists: list[Tensor]) -> tuple[list[Tensor], ...]:
-    return lists
-
-
-def _run_triton(lists: tuple[list[Tensor], ...], grads: list[Tensor], hp: Hyperparameters) -> None:
+def _run_triton(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    state_steps: list[Tensor],
+    hp: Hyperparameters,
+) -> None:
     """One Triton launch (see :func:`rmsprop._triton_kernels.rmsprop_step`)."""
-    params, *state = lists
-    _triton_kernels().rmsprop_step(params, grads, *state, hp, float(hp.lr))
+    _triton_kernels().rmsprop_step(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, hp, float(hp.lr)
+    )
+    torch.autograd.graph.increment_version(params)
 
 
-class Backend(NamedTuple):
-    """A device type's kernel: ``prepare`` takes what stays between steps, ``run`` steps with gradients."""
-
-    prepare: Callable[..., Any]
-    run: Callable[[Any, list[Tensor], Hyperparameters], None]
-
-
-# The kernel for each device type that unsupported_reason accepts. The Triton
-# launcher builds its table of addresses at every launch: nothing is kept.
-_BACKENDS = {"cpu": Backend(_numba_call, _run_numba), "cuda": Backend(_tensor_lists, _run_triton)}
+# The kernel for each device type that unsupported_reason accepts.
+_BACKENDS: dict[str, Callable[..., None]] = {"cpu": _run_cpu, "cuda": _run_triton}
 
 
 def encoded_unsupported_reason(p: Tensor, state: dict, fmt: str) -> str | None:

@@ -1,9 +1,13 @@
-"""The fused path reuses a group's gathered tensors between steps (rmsprop.fused_cache).
+"""Steps after the first: the C++ kernel gathers a fused group's tensors itself.
 
-Each scenario changes something between steps behind the optimizer's back
-and runs the same script on the fused path (which caches) and on the
-for-loop path (which gathers every step, as torch.optim.RMSprop does); the
-parameters and state must agree within float32 rounding.
+From the second step of a full-precision CPU group, ``RMSprop.step`` hands
+the group's params and the optimizer's state mapping to the C++ kernel,
+which reads each gradient and state buffer and checks them, or declines the
+group (to the Python gathering, its errors and state creation). Each
+scenario changes something between steps behind the optimizer's back and
+runs the same script on the fused path and on the for-loop path (which
+gathers in Python, as torch.optim.RMSprop does); the parameters and state
+must agree within float32 rounding.
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rmsprop.optimizer
 from rmsprop import RMSprop
 
-pytest.importorskip("numba")
 
 SIZES = (7, 64, 3, 130)
 
@@ -115,6 +117,20 @@ def _non_contiguous_grad(optimizer, params, step):
         params[1].grad = torch.linspace(-1, 1, 128)[::2]
 
 
+def _drop_a_param_state(optimizer, params, step):
+    if step == 3:
+        del optimizer.state[params[2]]
+
+
+def _transposed_param(optimizer, params, step):
+    if step == 2:
+        params[1].data = torch.linspace(-1, 1, 64).reshape(8, 8).t()
+        params[1].grad = torch.ones(8, 8)
+        for key in ("square_avg", "momentum_buffer", "grad_avg"):
+            if key in optimizer.state[params[1]]:
+                optimizer.state[params[1]][key] = torch.zeros(8, 8)
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -128,6 +144,8 @@ def _non_contiguous_grad(optimizer, params, step):
         _change_lr,
         _add_a_param,
         _non_contiguous_grad,
+        _drop_a_param_state,
+        _transposed_param,
     ],
 )
 @pytest.mark.parametrize(
@@ -142,7 +160,7 @@ def test_a_change_between_steps_is_seen(change, settings):
     _assert_same_run(change, **settings)
 
 
-def test_later_steps_reuse_the_gathered_tensors(monkeypatch):
+def test_later_steps_are_gathered_by_the_cpp_kernel_not_in_python(monkeypatch):
     params = _params()
     optimizer = RMSprop(params)
     gathered = []
@@ -159,7 +177,7 @@ def test_later_steps_reuse_the_gathered_tensors(monkeypatch):
     assert len(gathered) == 1
 
 
-def test_the_cache_does_not_keep_gradients_alive():
+def test_the_optimizer_does_not_keep_gradients_alive():
     params = _params()
     optimizer = RMSprop(params)
     _new_grads(params, 0)
@@ -185,7 +203,7 @@ def test_a_copied_optimizer_steps_its_own_tensors(duplicate):
         assert not torch.equal(twin, old)
 
 
-def _after_two_cached_steps() -> tuple[list[torch.nn.Parameter], RMSprop]:
+def _after_two_steps() -> tuple[list[torch.nn.Parameter], RMSprop]:
     params = _params()
     optimizer = RMSprop(params)
     for step in range(2):
@@ -194,10 +212,16 @@ def _after_two_cached_steps() -> tuple[list[torch.nn.Parameter], RMSprop]:
     return params, optimizer
 
 
-def test_a_sparse_gradient_after_cached_steps_is_refused_before_any_change():
-    params, optimizer = _after_two_cached_steps()
-    _new_grads(params, 2)
-    params[2].grad = params[2].grad.to_sparse()
+@pytest.mark.parametrize("sparse_group", [0, 1])
+def test_a_sparse_gradient_in_any_group_is_refused_before_any_change(sparse_group):
+    params = _params()
+    optimizer = RMSprop([{"params": params[:2]}, {"params": params[2:], "momentum": 0.5}])
+    for step in range(3):
+        _new_grads(params, step)
+        if step == 2:
+            params[2 * sparse_group].grad = params[2 * sparse_group].grad.to_sparse()
+            break
+        optimizer.step()
     before = copy.deepcopy(optimizer.state_dict())
     values = [p.detach().clone() for p in params]
     with pytest.raises(RuntimeError, match="sparse gradients"):
@@ -207,24 +231,13 @@ def test_a_sparse_gradient_after_cached_steps_is_refused_before_any_change():
     torch.testing.assert_close(optimizer.state_dict()["state"], before["state"], rtol=0, atol=0)
 
 
-def test_a_model_changed_after_cached_steps_gets_the_state_error():
-    params, optimizer = _after_two_cached_steps()
+def test_a_model_changed_after_two_steps_gets_the_state_error():
+    params, optimizer = _after_two_steps()
     for p in params:
         p.data = p.data.double()
     _new_grads(params, 2)
     with pytest.raises(ValueError, match="was the model changed"):
         optimizer.step()
-
-
-def test_the_cache_is_dropped_when_the_group_leaves_the_fused_path():
-    params = _params()
-    optimizer = RMSprop(params)
-    _new_grads(params, 0)
-    optimizer.step()
-    assert rmsprop.optimizer.FusedGroupCache is type(optimizer._fused_caches[0])
-    optimizer.param_groups[0]["fused"] = False
-    optimizer.step()
-    assert optimizer._fused_caches == {}
 
 
 # Changes a training script may make between steps, drawn in any order by hypothesis.
@@ -240,6 +253,7 @@ _CHANGES = {
     ),
     "change lr": _change_lr,
     "non-contiguous gradient": lambda optimizer, params, step: _non_contiguous_grad(optimizer, params, 3),
+    "drop a param's state": lambda optimizer, params, step: _drop_a_param_state(optimizer, params, 3),
 }
 
 

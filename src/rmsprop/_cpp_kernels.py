@@ -1,0 +1,90 @@
+"""The C++ kernel of the fused CPU path (``csrc/fused_step.cpp``), built on first use.
+
+:func:`module` compiles it with ``torch.utils.cpp_extension`` (about 30 s on
+2 cores, once) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by
+default ``~/.cache/torch_extensions``); later processes load the built
+library in milliseconds. It is built for this machine's CPU
+(``-march=native``), so the cache entry's name carries a digest of the CPU's
+model and flags. Its loops run on torch's own intra-op threads
+(``at::parallel_for``): no second thread pool competes with torch's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["build_problem", "compiler_missing", "module"]
+
+SOURCE = Path(__file__).with_name("csrc") / "fused_step.cpp"
+# -ffp-contract=off: no fused multiply-adds, each operation rounded as numba's and torch's.
+# -fno-math-errno: lets sqrt vectorise. -fopenmp: at::parallel_for's OpenMP loop is compiled here.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+
+
+def compiler_missing() -> str | None:
+    """Why the kernel cannot be built here (no C++ compiler or ninja), or ``None``."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r}) on PATH: the fused CPU path compiles a C++ kernel, as torch.compile does"
+    if _ninja_directory() is None:
+        return "ninja is not installed (pip install ninja): torch builds C++ extensions with it"
+    return None
+
+
+@cache
+def module() -> ModuleType:
+    """The built kernel; compiles it if this machine's cache has no build of this source."""
+    from torch.utils import cpp_extension
+
+    ninja = _ninja_directory()
+    if ninja is not None and shutil.which("ninja") is None:
+        os.environ["PATH"] = f"{ninja}{os.pathsep}{os.environ.get('PATH', '')}"
+    return cpp_extension.load(
+        name=f"rmsprop_fused_step_{_cpu_digest()}",
+        sources=[str(SOURCE)],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+    )
+
+
+@cache
+def build_problem() -> str | None:
+    """Why the kernel is unavailable (no compiler, or its build failed), or ``None`` once it is loaded."""
+    missing = compiler_missing()
+    if missing is not None:
+        return missing
+    try:
+        module()
+    except (RuntimeError, OSError, ImportError) as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return f"the C++ kernel failed to build: {lines[0]}"
+    return None
+
+
+def _ninja_directory() -> str | None:
+    """Where a ``ninja`` executable is: on PATH, or the one the ``ninja`` package installs."""
+    found = shutil.which("ninja")
+    if found is not None:
+        return os.path.dirname(found)
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return ninja.BIN_DIR
+
+
+def _cpu_digest() -> str:
+    """Eight hex digits naming this CPU's model and instruction-set flags (the build uses -march=native)."""
+    description = platform.machine() + platform.processor()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    description += "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    return hashlib.sha256(description.encode()).hexdigest()[:8]

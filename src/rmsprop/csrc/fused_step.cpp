@@ -1,0 +1,418 @@
+// The fused CPU step: the whole RMSProp rule in one pass over memory.
+//
+// Built on first use by rmsprop._cpp_kernels (torch.utils.cpp_extension,
+// cached on disk). A step is two calls: gather_group / gather_tensors check
+// every tensor and collect its addresses into a Plan (or say why they cannot),
+// then run() increments the steps and applies the rule of rmsprop.functional
+// to every element, the chunks spread over torch's own intra-op threads.
+//
+// Elements are computed in float32 (float64 for float64 tensors), op by op
+// in the order of rmsprop._numba_kernels._rule, built with -ffp-contract=off:
+// no fused multiply-adds, so the results equal the numba kernel's bit for bit.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// Elements per work item: large enough to amortise the set-up, small enough
+// to balance the threads on tensors of a few million elements.
+constexpr int64_t kChunk = 1 << 16;
+
+enum class Storage : uint8_t { Float32, Float64, BFloat16, Float16 };
+
+// One tensor's share of a step. Complex tensors count as twice as many reals.
+struct Entry {
+  Storage storage;
+  int64_t size;
+  void* param;
+  void* grad;
+  void* square_avg;
+  void* grad_avg;         // nullptr unless centered
+  void* momentum_buffer;  // nullptr unless momentum > 0
+  void* step;
+  bool step_is_double;
+};
+
+struct Plan {
+  std::vector<Entry> entries;
+  std::vector<at::Tensor> params;  // their versions are bumped after the step
+  bool centered = false;
+  bool momentum = false;
+};
+
+// The rule's numbers in the compute type; maximize, both weight decays and
+// the eps placement are folded in, as rmsprop.fused.kernel_scalars does.
+template <typename C>
+struct Constants {
+  C lr, alpha, rate, eps_inside, eps_outside, weight_decay, decay_factor, momentum, sign;
+  bool coupled_weight_decay, nesterov, lr_in_momentum;
+};
+
+struct Hyperparameters {
+  double lr, alpha, eps, weight_decay, momentum;
+  bool maximize, eps_in_sqrt, decoupled_weight_decay, bias_correction, nesterov, lr_in_momentum;
+
+  template <typename C>
+  Constants<C> constants() const {
+    bool decoupled = decoupled_weight_decay && weight_decay != 0;
+    return Constants<C>{
+        C(lr),
+        C(alpha),
+        C(1 - alpha),
+        C(eps_in_sqrt ? eps : 0.0),
+        C(eps_in_sqrt ? 0.0 : eps),
+        C(weight_decay),
+        C(decoupled ? 1 - lr * weight_decay : 1.0),
+        C(momentum),
+        C(maximize ? -1.0 : 1.0),
+        weight_decay != 0 && !decoupled_weight_decay,
+        nesterov,
+        lr_in_momentum,
+    };
+  }
+};
+
+template <typename S>
+struct ComputeType {
+  using type = float;
+};
+template <>
+struct ComputeType<double> {
+  using type = double;
+};
+
+// Which buffers and momentum form a kernel is compiled for: branches on them
+// inside the loop made GCC's vectorised loop 9x slower.
+struct Variant {
+  bool centered, momentum, nesterov, lr_in_momentum;
+};
+
+// One element of the rule of rmsprop.functional (see rmsprop._numba_kernels._rule).
+template <typename C, Variant V>
+inline void apply_rule(C& p, C g, C& v, C& m, C& b, C correction, const Constants<C>& k) {
+  p = p * k.decay_factor;
+  g = g * k.sign;
+  if (k.coupled_weight_decay) g = g + k.weight_decay * p;
+  v = k.alpha * v + k.rate * (g * g);
+  C second_moment = v / correction;
+  if constexpr (V.centered) {
+    m = m + k.rate * (g - m);
+    C mean = m / correction;
+    second_moment = second_moment - mean * mean;
+    // NaN stays NaN, as with torch's clamp_min.
+    second_moment = second_moment < 0 ? second_moment - second_moment : second_moment;
+  }
+  C u = g / (std::sqrt(second_moment + k.eps_inside) + k.eps_outside);
+  C update;
+  if constexpr (V.momentum && V.lr_in_momentum) {
+    b = k.momentum * b + k.lr * u;
+    update = V.nesterov ? k.momentum * b + k.lr * u : b;
+  } else if constexpr (V.momentum) {
+    b = k.momentum * b + u;
+    update = V.nesterov ? k.lr * (u + k.momentum * b) : k.lr * b;
+  } else {
+    update = k.lr * u;
+  }
+  p = p - update;
+}
+
+template <typename S, Variant V>
+void step_chunk(const Entry& entry, int64_t start, int64_t end, double correction,
+                Constants<typename ComputeType<S>::type> k) {
+  using C = typename ComputeType<S>::type;
+  S* __restrict p = static_cast<S*>(entry.param) + start;
+  const S* __restrict g = static_cast<const S*>(entry.grad) + start;
+  S* __restrict v = static_cast<S*>(entry.square_avg) + start;
+  S* __restrict m = V.centered ? static_cast<S*>(entry.grad_avg) + start : nullptr;
+  S* __restrict b = V.momentum ? static_cast<S*>(entry.momentum_buffer) + start : nullptr;
+  const C corr = C(correction);
+  const int64_t n = end - start;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    C pi = C(p[i]), vi = C(v[i]), mi = 0, bi = 0;
+    if constexpr (V.centered) mi = C(m[i]);
+    if constexpr (V.momentum) bi = C(b[i]);
+    apply_rule<C, V>(pi, C(g[i]), vi, mi, bi, corr, k);
+    p[i] = S(pi);
+    v[i] = S(vi);
+    if constexpr (V.centered) m[i] = S(mi);
+    if constexpr (V.momentum) b[i] = S(bi);
+  }
+}
+
+template <typename S, bool Centered>
+void step_chunk_with_momentum_of(const Plan& plan, const Entry& entry, int64_t start, int64_t end,
+                                 double correction, const Constants<typename ComputeType<S>::type>& k) {
+  const bool nesterov = k.nesterov, lr_in_momentum = k.lr_in_momentum;
+  if (!plan.momentum) step_chunk<S, Variant{Centered, false, false, false}>(entry, start, end, correction, k);
+  else if (nesterov && lr_in_momentum) step_chunk<S, Variant{Centered, true, true, true}>(entry, start, end, correction, k);
+  else if (nesterov) step_chunk<S, Variant{Centered, true, true, false}>(entry, start, end, correction, k);
+  else if (lr_in_momentum) step_chunk<S, Variant{Centered, true, false, true}>(entry, start, end, correction, k);
+  else step_chunk<S, Variant{Centered, true, false, false}>(entry, start, end, correction, k);
+}
+
+template <typename S>
+void step_chunk_of(const Plan& plan, const Entry& entry, int64_t start, int64_t end, double correction,
+                   const Constants<typename ComputeType<S>::type>& k) {
+  if (plan.centered) step_chunk_with_momentum_of<S, true>(plan, entry, start, end, correction, k);
+  else step_chunk_with_momentum_of<S, false>(plan, entry, start, end, correction, k);
+}
+
+// Chunks as (entry, first element) pairs.
+std::vector<std::pair<int64_t, int64_t>> chunks_of(const std::vector<Entry>& entries) {
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (size_t e = 0; e < entries.size(); ++e)
+    for (int64_t start = 0; start < entries[e].size; start += kChunk) chunks.emplace_back(e, start);
+  return chunks;
+}
+
+void run(Plan& plan, const Hyperparameters& hp) {
+  std::vector<double> corrections(plan.entries.size());
+  for (size_t e = 0; e < plan.entries.size(); ++e) {
+    const Entry& entry = plan.entries[e];
+    double step;
+    if (entry.step_is_double) step = *static_cast<double*>(entry.step) += 1;
+    else step = *static_cast<float*>(entry.step) += 1;
+    // In float64, then rounded to the compute type, like the for-loop path.
+    corrections[e] = hp.bias_correction ? 1.0 - std::pow(hp.alpha, step) : 1.0;
+  }
+  const auto chunks = chunks_of(plan.entries);
+  const auto single = hp.constants<float>();
+  const auto dbl = hp.constants<double>();
+  {
+    py::gil_scoped_release no_gil;
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        const auto [e, start] = chunks[c];
+        const Entry& entry = plan.entries[e];
+        const int64_t end = std::min(start + kChunk, entry.size);
+        switch (entry.storage) {
+          case Storage::Float32: step_chunk_of<float>(plan, entry, start, end, corrections[e], single); break;
+          case Storage::Float64: step_chunk_of<double>(plan, entry, start, end, corrections[e], dbl); break;
+          case Storage::BFloat16: step_chunk_of<c10::BFloat16>(plan, entry, start, end, corrections[e], single); break;
+          case Storage::Float16: step_chunk_of<c10::Half>(plan, entry, start, end, corrections[e], single); break;
+        }
+      }
+    });
+  }
+  // Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
+  for (const at::Tensor& param : plan.params)
+    if (!param.is_inference()) param.unsafeGetTensorImpl()->bump_version();
+}
+
+// --- gathering and checking ---------------------------------------------------
+
+PyTypeObject* tensor_type = nullptr;
+PyTypeObject* parameter_type = nullptr;
+
+std::optional<Storage> storage_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: case at::kComplexFloat: return Storage::Float32;
+    case at::kDouble: case at::kComplexDouble: return Storage::Float64;
+    case at::kBFloat16: return Storage::BFloat16;
+    case at::kHalf: return Storage::Float16;
+    default: return std::nullopt;
+  }
+}
+
+// The tensor of a Python object if it is a plain torch.Tensor or nn.Parameter.
+const at::Tensor* plain_tensor(PyObject* object) {
+  if (object == nullptr || (Py_TYPE(object) != tensor_type && Py_TYPE(object) != parameter_type)) return nullptr;
+  return &THPVariable_Unpack(object);
+}
+
+// Why the kernel cannot update ``tensor`` in place as the ``what`` of ``param``.
+std::optional<std::string> misfit(const at::Tensor& tensor, const at::Tensor& param, const std::string& what) {
+  if (!tensor.defined()) return what + " is missing";
+  if (tensor.layout() != at::kStrided) return what + " is not a dense (strided) tensor";
+  if (!tensor.device().is_cpu()) return what + " is not on the CPU";
+  if (tensor.scalar_type() != param.scalar_type()) return what + " has another dtype than the parameter";
+  if (tensor.sizes() != param.sizes()) return what + " has another shape than the parameter";
+  if (!tensor.is_contiguous() || tensor.is_conj() || tensor.is_neg()) return what + " is not contiguous";
+  return std::nullopt;
+}
+
+std::optional<std::string> step_misfit(const at::Tensor* step) {
+  if (step == nullptr || !step->defined() || !step->device().is_cpu() || step->numel() != 1 ||
+      (step->scalar_type() != at::kFloat && step->scalar_type() != at::kDouble) || step->layout() != at::kStrided)
+    return std::string("its 'step' is not a 1-element float32 or float64 CPU tensor");
+  return std::nullopt;
+}
+
+struct Gathered {
+  std::optional<Plan> plan;
+  std::string reason;
+};
+
+Gathered refuse(size_t index, const std::string& reason) {
+  return Gathered{std::nullopt, "parameter " + std::to_string(index) + ": " + reason};
+}
+
+// Adds one parameter's entry, or says why it cannot be stepped.
+std::optional<std::string> add_entry(Plan& plan, PyObject* param_object, const at::Tensor& grad,
+                                     const at::Tensor* square_avg, const at::Tensor* grad_avg,
+                                     const at::Tensor* momentum_buffer, const at::Tensor* step) {
+  const at::Tensor* param = plain_tensor(param_object);
+  if (param == nullptr) return std::string("not a plain tensor");
+  auto storage = storage_of(param->scalar_type());
+  if (!storage) return std::string("its dtype is not float32, float64, bfloat16, float16 or complex");
+  if (auto why = misfit(*param, *param, "the parameter")) return why;
+  if (auto why = misfit(grad, *param, "its gradient")) return why;
+  if (square_avg == nullptr) return std::string("its 'square_avg' is not a plain tensor");
+  if (auto why = misfit(*square_avg, *param, "its 'square_avg'")) return why;
+  if (plan.centered) {
+    if (grad_avg == nullptr) return std::string("its 'grad_avg' is not a plain tensor");
+    if (auto why = misfit(*grad_avg, *param, "its 'grad_avg'")) return why;
+  }
+  if (plan.momentum) {
+    if (momentum_buffer == nullptr) return std::string("its 'momentum_buffer' is not a plain tensor");
+    if (auto why = misfit(*momentum_buffer, *param, "its 'momentum_buffer'")) return why;
+  }
+  if (auto why = step_misfit(step)) return why;
+  plan.entries.push_back(Entry{
+      *storage,
+      param->numel() * (param->is_complex() ? 2 : 1),
+      param->data_ptr(),
+      grad.data_ptr(),
+      square_avg->data_ptr(),
+      plan.centered ? grad_avg->data_ptr() : nullptr,
+      plan.momentum ? momentum_buffer->data_ptr() : nullptr,
+      step->data_ptr(),
+      step->scalar_type() == at::kDouble,
+  });
+  plan.params.push_back(*param);
+  return std::nullopt;
+}
+
+const at::Tensor* entry_of(PyObject* state, const char* key) {
+  return plain_tensor(PyDict_GetItemString(state, key));
+}
+
+// The step of every parameter of ``params`` that has a gradient, with the
+// state it has in ``state`` (the optimizer's mapping), or why there is none:
+// a missing or unfit tensor anywhere leaves the whole group to the Python paths.
+Gathered gather_group(const py::list& params, const py::dict& state, bool centered, bool momentum) {
+  Plan plan;
+  plan.centered = centered;
+  plan.momentum = momentum;
+  plan.entries.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    PyObject* param_object = PyList_GET_ITEM(params.ptr(), i);
+    const at::Tensor* param = plain_tensor(param_object);
+    if (param == nullptr) return refuse(i, "not a plain tensor");
+    const at::Tensor& grad = param->grad();
+    if (!grad.defined()) continue;
+    // Not state[param]: the optimizer's defaultdict would add an entry.
+    PyObject* param_state = PyDict_GetItemWithError(state.ptr(), param_object);
+    if (param_state == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return refuse(i, "has no state yet");
+    }
+    if (!PyDict_Check(param_state)) return refuse(i, "its state is not a dict");
+    auto why = add_entry(plan, param_object, grad, entry_of(param_state, "square_avg"),
+                         centered ? entry_of(param_state, "grad_avg") : nullptr,
+                         momentum ? entry_of(param_state, "momentum_buffer") : nullptr,
+                         entry_of(param_state, "step"));
+    if (why) return refuse(i, *why);
+  }
+  return Gathered{std::move(plan), ""};
+}
+
+// The same from lists, as rmsprop.functional passes them (empty lists for unused state).
+Gathered gather_tensors(const py::list& params, const py::list& grads, const py::list& square_avgs,
+                        const py::list& grad_avgs, const py::list& momentum_buffers, const py::list& steps) {
+  Plan plan;
+  plan.centered = !grad_avgs.empty();
+  plan.momentum = !momentum_buffers.empty();
+  const size_t count = params.size();
+  if (grads.size() != count || square_avgs.size() != count || steps.size() != count ||
+      (plan.centered && grad_avgs.size() != count) || (plan.momentum && momentum_buffers.size() != count))
+    return Gathered{std::nullopt, "the lists of tensors differ in length"};
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor* grad = plain_tensor(PyList_GET_ITEM(grads.ptr(), i));
+    if (grad == nullptr) return refuse(i, "its gradient is not a plain tensor");
+    auto item = [i](const py::list& list) { return plain_tensor(PyList_GET_ITEM(list.ptr(), i)); };
+    auto why = add_entry(plan, PyList_GET_ITEM(params.ptr(), i), *grad, item(square_avgs),
+                         plan.centered ? item(grad_avgs) : nullptr, plan.momentum ? item(momentum_buffers) : nullptr,
+                         item(steps));
+    if (why) return refuse(i, *why);
+  }
+  return Gathered{std::move(plan), ""};
+}
+
+py::object as_python(Gathered gathered) {
+  if (gathered.plan) return py::cast(std::move(*gathered.plan));
+  return py::str(gathered.reason);
+}
+
+// Memory traffic of a plain step and nothing else (the benchmark's bound):
+// reads the three tensors of each entry, writes the first and third back,
+// chunked and threaded as run(). Adding ``second - second`` keeps finite
+// values but cannot be optimised away without fast-math.
+void stream_three_read_two_written(const std::vector<at::Tensor>& firsts, const std::vector<at::Tensor>& seconds,
+                                   const std::vector<at::Tensor>& thirds) {
+  std::vector<Entry> entries;
+  for (size_t i = 0; i < firsts.size(); ++i)
+    entries.push_back(Entry{Storage::Float32, firsts[i].numel(), firsts[i].data_ptr(), seconds[i].data_ptr(),
+                            thirds[i].data_ptr(), nullptr, nullptr, nullptr, false});
+  const auto chunks = chunks_of(entries);
+  py::gil_scoped_release no_gil;
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const auto [e, start] = chunks[c];
+      const int64_t n = std::min(kChunk, entries[e].size - start);
+      float* __restrict a = static_cast<float*>(entries[e].param) + start;
+      const float* __restrict b = static_cast<const float*>(entries[e].grad) + start;
+      float* __restrict d = static_cast<float*>(entries[e].square_avg) + start;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        float nothing = b[i] - b[i];
+        a[i] = a[i] + nothing;
+        d[i] = d[i] + nothing;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  tensor_type = reinterpret_cast<PyTypeObject*>(py::module_::import("torch").attr("Tensor").ptr());
+  parameter_type = reinterpret_cast<PyTypeObject*>(py::module_::import("torch.nn").attr("Parameter").ptr());
+
+  py::class_<Plan>(module, "Plan", "The checked tensors of one step (see gather_group); run() steps them.")
+      .def_property_readonly("size", [](const Plan& plan) { return plan.entries.size(); });
+  py::class_<Hyperparameters>(module, "Hyperparameters")
+      .def(py::init<double, double, double, double, double, bool, bool, bool, bool, bool, bool>(), py::arg("lr"),
+           py::arg("alpha"), py::arg("eps"), py::arg("weight_decay"), py::arg("momentum"), py::arg("maximize"),
+           py::arg("eps_in_sqrt"), py::arg("decoupled_weight_decay"), py::arg("bias_correction"),
+           py::arg("nesterov"), py::arg("lr_in_momentum"));
+  module.def(
+      "gather_group",
+      [](const py::list& params, const py::dict& state, bool centered, bool momentum) {
+        return as_python(gather_group(params, state, centered, momentum));
+      },
+      "A Plan of the group's params with gradients and their state, or why there is none (a str).");
+  module.def(
+      "gather_tensors",
+      [](const py::list& params, const py::list& grads, const py::list& square_avgs, const py::list& grad_avgs,
+         const py::list& momentum_buffers, const py::list& steps) {
+        return as_python(gather_tensors(params, grads, square_avgs, grad_avgs, momentum_buffers, steps));
+      },
+      "A Plan of these tensors, or why there is none (a str).");
+  module.def("run", &run, "Increment the steps and apply the rule to every element of the plan.");
+  module.def("stream_three_read_two_written", &stream_three_read_two_written,
+             "The memory traffic of a plain step, nothing else (the benchmark's bound).");
+}

@@ -1,0 +1,181 @@
+"""The C++ kernel of the fused CPU path (rmsprop._cpp_kernels, csrc/fused_step.cpp).
+
+Its results are checked against the for-loop path in tests/test_fused.py
+(it is the fused CPU path there); here against the numba kernel, which
+computes the same operations in the same order in another compiler, so the
+two must agree bit for bit, and its gathering: what it declines, and that it
+declines before changing anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import rmsprop.fused
+from rmsprop import RMSprop
+from rmsprop._cpp_kernels import compiler_missing
+from rmsprop.functional import Hyperparameters
+
+pytestmark = pytest.mark.skipif(compiler_missing() is not None, reason="no C++ compiler")
+
+# Over two chunks of the kernel (1 << 16 elements), plus a small and an empty tensor.
+SHAPES = [(70_000,), (3, 5), (0,)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128]
+SETTINGS = [
+    dict(zip(("centered", "momentum", "nesterov", "lr_in_momentum", "weight_decay", "decoupled_weight_decay"), values))
+    for values in itertools.product([False, True], [0.0, 0.9], [False, True], [False, True], [0.0, 0.1], [False, True])
+    if values[1] or not (values[2] or values[3])
+]
+
+
+def _hyperparameters(**settings) -> Hyperparameters:
+    group = dict(
+        lr=0.01,
+        alpha=0.9,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        centered=False,
+        maximize=False,
+        eps_in_sqrt=False,
+        bias_correction=False,
+        nesterov=False,
+        decoupled_weight_decay=False,
+        lr_in_momentum=False,
+        initial_scale=0.0,
+    )
+    group.update(settings)
+    return Hyperparameters.from_group(group)
+
+
+def _tensors(dtype: torch.dtype, seed: int = 0) -> list[list[torch.Tensor]]:
+    """params, grads, square_avgs, grad_avgs, momentum_buffers, steps."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(shape, low=-1.0, high=1.0):
+        values = torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
+        return values.to(dtype)
+
+    return [
+        [draw(shape) for shape in SHAPES],
+        [draw(shape) for shape in SHAPES],
+        [draw(shape, 0.0, 1.0).real.to(dtype) for shape in SHAPES],
+        [draw(shape, -0.1, 0.1) for shape in SHAPES],
+        [draw(shape) for shape in SHAPES],
+        [torch.tensor(3.0) for _ in SHAPES],
+    ]
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+@pytest.mark.parametrize("bias_correction", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_kernel_equals_the_numba_kernel_bit_for_bit(dtype, bias_correction, eps_in_sqrt, maximize):
+    kernel = rmsprop.fused.cpu_kernel()
+    for settings in SETTINGS:
+        hp = _hyperparameters(
+            **settings, bias_correction=bias_correction, eps_in_sqrt=eps_in_sqrt, maximize=maximize
+        )
+        ours, numba = _tensors(dtype), _tensors(dtype)
+        for tensors in (ours, numba):
+            if not hp.centered:
+                tensors[3] = []
+            if hp.momentum == 0:
+                tensors[4] = []
+        for _ in range(2):
+            plan = kernel.gather_tensors(*ours)
+            kernel.run(plan, rmsprop.fused.cpu_hyperparameters(kernel, hp))
+            rmsprop.fused._run_numba(*numba, hp)
+        for expected, actual in zip(itertools.chain(*numba), itertools.chain(*ours), strict=True):
+            # float16 params overflow where the centered variance clamps to 0: inf, then NaN, in both.
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=str(settings))
+
+
+def _stepped_twice(**settings) -> tuple[list[torch.nn.Parameter], RMSprop]:
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 10)), torch.nn.Parameter(torch.ones(2, 3))]
+    optimizer = RMSprop(params, lr=0.01, **settings)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    return params, optimizer
+
+
+def _gather(optimizer: RMSprop):
+    group = optimizer.param_groups[0]
+    return rmsprop.fused.cpu_kernel().gather_group(
+        group["params"], optimizer.state, group["centered"], group["momentum"] > 0
+    )
+
+
+def test_gather_group_takes_a_group_with_state():
+    _, optimizer = _stepped_twice(momentum=0.5, centered=True)
+    assert _gather(optimizer).size == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda params, opt: opt.state.pop(params[1]), "parameter 1: has no state yet"),
+        (lambda params, opt: setattr(params[0], "grad", params[0].grad.to_sparse()), "parameter 0: its gradient is not a dense"),
+        (lambda params, opt: setattr(params[1], "grad", torch.ones(3, 2).t()), "parameter 1: its gradient is not contiguous"),
+        (lambda params, opt: _to_float64(params[0]), "parameter 0: its 'square_avg' has another dtype"),
+        (lambda params, opt: opt.state[params[0]].update(square_avg=torch.ones(9)), "parameter 0: its 'square_avg' has another shape"),
+        (lambda params, opt: opt.state[params[0]].pop("grad_avg"), "parameter 0: its 'grad_avg' is not a plain tensor"),
+        (lambda params, opt: opt.state[params[1]].update(step=3), "parameter 1: its 'step' is not a 1-element"),
+        (lambda params, opt: opt.state[params[1]].update(step=torch.tensor(3)), "parameter 1: its 'step' is not a 1-element"),
+        (lambda params, opt: opt.state.update({params[0]: [1]}), "parameter 0: its state is not a dict"),
+    ],
+)
+def test_gather_group_declines_what_it_cannot_step_and_says_why(change, reason):
+    params, optimizer = _stepped_twice(centered=True)
+    change(params, optimizer)
+    declined = _gather(optimizer)
+    assert isinstance(declined, str) and declined.startswith(reason)
+
+
+def _to_float64(param: torch.nn.Parameter) -> None:
+    param.data = param.data.double()
+    param.grad = torch.ones_like(param)
+
+
+def test_gather_group_declines_a_tensor_subclass():
+    class Tagged(torch.Tensor):
+        pass
+
+    params, optimizer = _stepped_twice()
+    group = optimizer.param_groups[0]
+    group["params"][0] = params[0].as_subclass(Tagged)
+    assert _gather(optimizer) == "parameter 0: not a plain tensor"
+
+
+def test_gather_group_skips_params_without_gradients_and_does_not_add_state():
+    params, optimizer = _stepped_twice()
+    extra = torch.nn.Parameter(torch.ones(4))
+    optimizer.param_groups[0]["params"].append(extra)
+    params[1].grad = None
+    assert _gather(optimizer).size == 1
+    assert extra not in optimizer.state
+
+
+def test_gather_tensors_refuses_lists_of_different_lengths():
+    params, grads, square_avgs, _, _, steps = _tensors(torch.float32)
+    declined = rmsprop.fused.cpu_kernel().gather_tensors(params, grads, square_avgs[:1], [], [], steps)
+    assert declined == "the lists of tensors differ in length"
+
+
+def test_a_gathered_step_bumps_the_version_of_the_parameters():
+    params, optimizer = _stepped_twice()
+    versions = [p._version for p in params]
+    optimizer.step()
+    assert all(p._version > version for p, version in zip(params, versions, strict=True))
+
+
+def test_the_kernel_is_built_for_this_cpu_and_loaded_once():
+    from rmsprop import _cpp_kernels
+
+    assert _cpp_kernels.module() is _cpp_kernels.module()
+    assert _cpp_kernels.module().__name__ == f"rmsprop_fused_step_{_cpp_kernels._cpu_digest()}"

@@ -296,8 +296,16 @@ std::optional<std::string> add_entry(Plan& plan, PyObject* param_object, const a
   return std::nullopt;
 }
 
-const at::Tensor* entry_of(PyObject* state, const char* key) {
-  return plain_tensor(PyDict_GetItemString(state, key));
+// The state's keys, made once: PyDict_GetItemString would build and hash a new str per lookup.
+PyObject* square_avg_key = nullptr;
+PyObject* grad_avg_key = nullptr;
+PyObject* momentum_buffer_key = nullptr;
+PyObject* step_key = nullptr;
+
+const at::Tensor* entry_of(PyObject* state, PyObject* key) {
+  PyObject* value = PyDict_GetItemWithError(state, key);
+  if (value == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  return plain_tensor(value);
 }
 
 // The step of every parameter of ``params`` that has a gradient, with the
@@ -321,10 +329,10 @@ Gathered gather_group(const py::list& params, const py::dict& state, bool center
       return refuse(i, "has no state yet");
     }
     if (!PyDict_Check(param_state)) return refuse(i, "its state is not a dict");
-    auto why = add_entry(plan, param_object, grad, entry_of(param_state, "square_avg"),
-                         centered ? entry_of(param_state, "grad_avg") : nullptr,
-                         momentum ? entry_of(param_state, "momentum_buffer") : nullptr,
-                         entry_of(param_state, "step"));
+    auto why = add_entry(plan, param_object, grad, entry_of(param_state, square_avg_key),
+                         centered ? entry_of(param_state, grad_avg_key) : nullptr,
+                         momentum ? entry_of(param_state, momentum_buffer_key) : nullptr,
+                         entry_of(param_state, step_key));
     if (why) return refuse(i, *why);
   }
   return Gathered{std::move(plan), ""};
@@ -391,6 +399,10 @@ void stream_three_read_two_written(const std::vector<at::Tensor>& firsts, const 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   tensor_type = reinterpret_cast<PyTypeObject*>(py::module_::import("torch").attr("Tensor").ptr());
   parameter_type = reinterpret_cast<PyTypeObject*>(py::module_::import("torch.nn").attr("Parameter").ptr());
+  square_avg_key = PyUnicode_InternFromString("square_avg");
+  grad_avg_key = PyUnicode_InternFromString("grad_avg");
+  momentum_buffer_key = PyUnicode_InternFromString("momentum_buffer");
+  step_key = PyUnicode_InternFromString("step");
 
   py::class_<Plan>(module, "Plan", "The checked tensors of one step (see gather_group); run() steps them.")
       .def_property_readonly("size", [](const Plan& plan) { return plan.entries.size(); });

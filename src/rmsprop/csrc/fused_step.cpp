@@ -29,6 +29,8 @@ namespace {
 // Elements per work item: large enough to amortise the set-up, small enough
 // to balance the threads on tensors of a few million elements.
 constexpr int64_t kChunk = 1 << 16;
+// Tensors per thread below which their per-tensor work (checks, step counters) stays on one thread.
+constexpr int64_t kCheckGrain = 256;
 
 enum class Storage : uint8_t { Float32, Float64, BFloat16, Float16 };
 
@@ -45,9 +47,13 @@ struct Entry {
   bool step_is_double;
 };
 
+// Raw addresses, valid while the Python objects own the tensors: run() it
+// right after gathering, within the same optimizer step, with the GIL held
+// throughout so that no other Python thread can free or replace a tensor.
+// (Holding at::Tensor copies instead costs a GIL-taking incref per tensor.)
 struct Plan {
   std::vector<Entry> entries;
-  std::vector<at::Tensor> params;  // their versions are bumped after the step
+  std::vector<c10::TensorImpl*> params;  // their versions are bumped after the step
   bool centered = false;
   bool momentum = false;
 };
@@ -179,37 +185,38 @@ std::vector<std::pair<int64_t, int64_t>> chunks_of(const std::vector<Entry>& ent
 }
 
 void run(Plan& plan, const Hyperparameters& hp) {
-  std::vector<double> corrections(plan.entries.size());
-  for (size_t e = 0; e < plan.entries.size(); ++e) {
-    const Entry& entry = plan.entries[e];
-    double step;
-    if (entry.step_is_double) step = *static_cast<double*>(entry.step) += 1;
-    else step = *static_cast<float*>(entry.step) += 1;
-    // In float64, then rounded to the compute type, like the for-loop path.
-    corrections[e] = hp.bias_correction ? 1.0 - std::pow(hp.alpha, step) : 1.0;
-  }
+  const int64_t count = static_cast<int64_t>(plan.entries.size());
+  std::vector<double> corrections(count);
+  // On the threads too: with many small tensors, a cache miss per step tensor adds up.
+  at::parallel_for(0, count, kCheckGrain, [&](int64_t first, int64_t last) {
+    for (int64_t e = first; e < last; ++e) {
+      const Entry& entry = plan.entries[e];
+      double step;
+      if (entry.step_is_double) step = *static_cast<double*>(entry.step) += 1;
+      else step = *static_cast<float*>(entry.step) += 1;
+      // In float64, then rounded to the compute type, like the for-loop path.
+      corrections[e] = hp.bias_correction ? 1.0 - std::pow(hp.alpha, step) : 1.0;
+    }
+  });
   const auto chunks = chunks_of(plan.entries);
   const auto single = hp.constants<float>();
   const auto dbl = hp.constants<double>();
-  {
-    py::gil_scoped_release no_gil;
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
-      for (int64_t c = first; c < last; ++c) {
-        const auto [e, start] = chunks[c];
-        const Entry& entry = plan.entries[e];
-        const int64_t end = std::min(start + kChunk, entry.size);
-        switch (entry.storage) {
-          case Storage::Float32: step_chunk_of<float>(plan, entry, start, end, corrections[e], single); break;
-          case Storage::Float64: step_chunk_of<double>(plan, entry, start, end, corrections[e], dbl); break;
-          case Storage::BFloat16: step_chunk_of<c10::BFloat16>(plan, entry, start, end, corrections[e], single); break;
-          case Storage::Float16: step_chunk_of<c10::Half>(plan, entry, start, end, corrections[e], single); break;
-        }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const auto [e, start] = chunks[c];
+      const Entry& entry = plan.entries[e];
+      const int64_t end = std::min(start + kChunk, entry.size);
+      switch (entry.storage) {
+        case Storage::Float32: step_chunk_of<float>(plan, entry, start, end, corrections[e], single); break;
+        case Storage::Float64: step_chunk_of<double>(plan, entry, start, end, corrections[e], dbl); break;
+        case Storage::BFloat16: step_chunk_of<c10::BFloat16>(plan, entry, start, end, corrections[e], single); break;
+        case Storage::Float16: step_chunk_of<c10::Half>(plan, entry, start, end, corrections[e], single); break;
       }
-    });
-  }
+    }
+  });
   // Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
-  for (const at::Tensor& param : plan.params)
-    if (!param.is_inference()) param.unsafeGetTensorImpl()->bump_version();
+  for (c10::TensorImpl* param : plan.params)
+    if (!param->is_inference()) param->bump_version();
 }
 
 // --- gathering and checking ---------------------------------------------------
@@ -234,20 +241,59 @@ const at::Tensor* plain_tensor(PyObject* object) {
 }
 
 // Why the kernel cannot update ``tensor`` in place as the ``what`` of ``param``.
-std::optional<std::string> misfit(const at::Tensor& tensor, const at::Tensor& param, const std::string& what) {
-  if (!tensor.defined()) return what + " is missing";
-  if (tensor.layout() != at::kStrided) return what + " is not a dense (strided) tensor";
-  if (!tensor.device().is_cpu()) return what + " is not on the CPU";
-  if (tensor.scalar_type() != param.scalar_type()) return what + " has another dtype than the parameter";
-  if (tensor.sizes() != param.sizes()) return what + " has another shape than the parameter";
-  if (!tensor.is_contiguous() || tensor.is_conj() || tensor.is_neg()) return what + " is not contiguous";
+std::optional<std::string> misfit(const at::Tensor* tensor, const at::Tensor& param, const char* what) {
+  auto problem = [what](const char* text) { return std::string(what) + text; };
+  if (tensor == nullptr) return problem(" is not a plain tensor");
+  if (!tensor->defined()) return problem(" is missing");
+  if (tensor->layout() != at::kStrided) return problem(" is not a dense (strided) tensor");
+  if (!tensor->device().is_cpu()) return problem(" is not on the CPU");
+  if (tensor->scalar_type() != param.scalar_type()) return problem(" has another dtype than the parameter");
+  if (tensor->sizes() != param.sizes()) return problem(" has another shape than the parameter");
+  if (!tensor->is_contiguous() || tensor->is_conj() || tensor->is_neg()) return problem(" is not contiguous");
   return std::nullopt;
 }
 
-std::optional<std::string> step_misfit(const at::Tensor* step) {
-  if (step == nullptr || !step->defined() || !step->device().is_cpu() || step->numel() != 1 ||
-      (step->scalar_type() != at::kFloat && step->scalar_type() != at::kDouble) || step->layout() != at::kStrided)
-    return std::string("its 'step' is not a 1-element float32 or float64 CPU tensor");
+bool step_fits(const at::Tensor* step) {
+  return step != nullptr && step->defined() && step->device().is_cpu() && step->layout() == at::kStrided &&
+         (step->scalar_type() == at::kFloat || step->scalar_type() == at::kDouble) && step->numel() == 1;
+}
+
+// One parameter's tensors as found (nullptr: not a plain tensor, or absent), before any check.
+struct Candidate {
+  size_t index;  // in the group or lists, for messages
+  const at::Tensor* param;
+  const at::Tensor* grad;
+  const at::Tensor* square_avg;
+  const at::Tensor* grad_avg;
+  const at::Tensor* momentum_buffer;
+  const at::Tensor* step;
+};
+
+// Checks one candidate and fills its entry. Touches no Python object, so it
+// runs on torch's threads: most of a gather's time is cache misses on tensors.
+std::optional<std::string> check(const Candidate& c, bool centered, bool momentum, Entry& entry) {
+  const at::Tensor& param = *c.param;
+  auto storage = storage_of(param.scalar_type());
+  if (!storage) return std::string("its dtype is not float32, float64, bfloat16, float16 or complex");
+  if (auto why = misfit(c.param, param, "the parameter")) return why;
+  if (auto why = misfit(c.grad, param, "its gradient")) return why;
+  if (auto why = misfit(c.square_avg, param, "its 'square_avg'")) return why;
+  if (centered)
+    if (auto why = misfit(c.grad_avg, param, "its 'grad_avg'")) return why;
+  if (momentum)
+    if (auto why = misfit(c.momentum_buffer, param, "its 'momentum_buffer'")) return why;
+  if (!step_fits(c.step)) return std::string("its 'step' is not a 1-element float32 or float64 CPU tensor");
+  entry = Entry{
+      *storage,
+      param.numel() * (param.is_complex() ? 2 : 1),
+      param.data_ptr(),
+      c.grad->data_ptr(),
+      c.square_avg->data_ptr(),
+      centered ? c.grad_avg->data_ptr() : nullptr,
+      momentum ? c.momentum_buffer->data_ptr() : nullptr,
+      c.step->data_ptr(),
+      c.step->scalar_type() == at::kDouble,
+  };
   return std::nullopt;
 }
 
@@ -260,40 +306,25 @@ Gathered refuse(size_t index, const std::string& reason) {
   return Gathered{std::nullopt, "parameter " + std::to_string(index) + ": " + reason};
 }
 
-// Adds one parameter's entry, or says why it cannot be stepped.
-std::optional<std::string> add_entry(Plan& plan, PyObject* param_object, const at::Tensor& grad,
-                                     const at::Tensor* square_avg, const at::Tensor* grad_avg,
-                                     const at::Tensor* momentum_buffer, const at::Tensor* step) {
-  const at::Tensor* param = plain_tensor(param_object);
-  if (param == nullptr) return std::string("not a plain tensor");
-  auto storage = storage_of(param->scalar_type());
-  if (!storage) return std::string("its dtype is not float32, float64, bfloat16, float16 or complex");
-  if (auto why = misfit(*param, *param, "the parameter")) return why;
-  if (auto why = misfit(grad, *param, "its gradient")) return why;
-  if (square_avg == nullptr) return std::string("its 'square_avg' is not a plain tensor");
-  if (auto why = misfit(*square_avg, *param, "its 'square_avg'")) return why;
-  if (plan.centered) {
-    if (grad_avg == nullptr) return std::string("its 'grad_avg' is not a plain tensor");
-    if (auto why = misfit(*grad_avg, *param, "its 'grad_avg'")) return why;
-  }
-  if (plan.momentum) {
-    if (momentum_buffer == nullptr) return std::string("its 'momentum_buffer' is not a plain tensor");
-    if (auto why = misfit(*momentum_buffer, *param, "its 'momentum_buffer'")) return why;
-  }
-  if (auto why = step_misfit(step)) return why;
-  plan.entries.push_back(Entry{
-      *storage,
-      param->numel() * (param->is_complex() ? 2 : 1),
-      param->data_ptr(),
-      grad.data_ptr(),
-      square_avg->data_ptr(),
-      plan.centered ? grad_avg->data_ptr() : nullptr,
-      plan.momentum ? momentum_buffer->data_ptr() : nullptr,
-      step->data_ptr(),
-      step->scalar_type() == at::kDouble,
+// The plan of the candidates, or why the first unfit one (in order) cannot be stepped.
+Gathered checked_plan(const std::vector<Candidate>& candidates, bool centered, bool momentum) {
+  const int64_t count = static_cast<int64_t>(candidates.size());
+  Plan plan;
+  plan.centered = centered;
+  plan.momentum = momentum;
+  plan.entries.resize(count);
+  plan.params.resize(count);
+  std::vector<std::optional<std::string>> problems(count);
+  at::parallel_for(0, count, kCheckGrain, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const Candidate& c = candidates[i];
+      problems[i] = check(c, centered, momentum, plan.entries[i]);
+      plan.params[i] = c.param->unsafeGetTensorImpl();
+    }
   });
-  plan.params.push_back(*param);
-  return std::nullopt;
+  for (int64_t i = 0; i < count; ++i)
+    if (problems[i]) return refuse(candidates[i].index, *problems[i]);
+  return Gathered{std::move(plan), ""};
 }
 
 // The state's keys, made once: PyDict_GetItemString would build and hash a new str per lookup.
@@ -301,6 +332,16 @@ PyObject* square_avg_key = nullptr;
 PyObject* grad_avg_key = nullptr;
 PyObject* momentum_buffer_key = nullptr;
 PyObject* step_key = nullptr;
+// Whether hash(tensor) is its address (Tensor.__hash__ returns id(self), a Python call per lookup).
+bool hash_is_address = false;
+
+PyObject* state_of(PyObject* state, PyObject* param) {
+#if PY_VERSION_HEX < 0x030D0000
+  if (hash_is_address)
+    return _PyDict_GetItem_KnownHash(state, param, static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(param)));
+#endif
+  return PyDict_GetItemWithError(state, param);
+}
 
 const at::Tensor* entry_of(PyObject* state, PyObject* key) {
   PyObject* value = PyDict_GetItemWithError(state, key);
@@ -312,10 +353,8 @@ const at::Tensor* entry_of(PyObject* state, PyObject* key) {
 // state it has in ``state`` (the optimizer's mapping), or why there is none:
 // a missing or unfit tensor anywhere leaves the whole group to the Python paths.
 Gathered gather_group(const py::list& params, const py::dict& state, bool centered, bool momentum) {
-  Plan plan;
-  plan.centered = centered;
-  plan.momentum = momentum;
-  plan.entries.reserve(params.size());
+  std::vector<Candidate> candidates;
+  candidates.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     PyObject* param_object = PyList_GET_ITEM(params.ptr(), i);
     const at::Tensor* param = plain_tensor(param_object);
@@ -323,41 +362,38 @@ Gathered gather_group(const py::list& params, const py::dict& state, bool center
     const at::Tensor& grad = param->grad();
     if (!grad.defined()) continue;
     // Not state[param]: the optimizer's defaultdict would add an entry.
-    PyObject* param_state = PyDict_GetItemWithError(state.ptr(), param_object);
+    PyObject* param_state = state_of(state.ptr(), param_object);
     if (param_state == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       return refuse(i, "has no state yet");
     }
     if (!PyDict_Check(param_state)) return refuse(i, "its state is not a dict");
-    auto why = add_entry(plan, param_object, grad, entry_of(param_state, square_avg_key),
-                         centered ? entry_of(param_state, grad_avg_key) : nullptr,
-                         momentum ? entry_of(param_state, momentum_buffer_key) : nullptr,
-                         entry_of(param_state, step_key));
-    if (why) return refuse(i, *why);
+    candidates.push_back(Candidate{i, param, &grad, entry_of(param_state, square_avg_key),
+                                   centered ? entry_of(param_state, grad_avg_key) : nullptr,
+                                   momentum ? entry_of(param_state, momentum_buffer_key) : nullptr,
+                                   entry_of(param_state, step_key)});
   }
-  return Gathered{std::move(plan), ""};
+  return checked_plan(candidates, centered, momentum);
 }
 
 // The same from lists, as rmsprop.functional passes them (empty lists for unused state).
 Gathered gather_tensors(const py::list& params, const py::list& grads, const py::list& square_avgs,
                         const py::list& grad_avgs, const py::list& momentum_buffers, const py::list& steps) {
-  Plan plan;
-  plan.centered = !grad_avgs.empty();
-  plan.momentum = !momentum_buffers.empty();
+  const bool centered = !grad_avgs.empty(), momentum = !momentum_buffers.empty();
   const size_t count = params.size();
   if (grads.size() != count || square_avgs.size() != count || steps.size() != count ||
-      (plan.centered && grad_avgs.size() != count) || (plan.momentum && momentum_buffers.size() != count))
+      (centered && grad_avgs.size() != count) || (momentum && momentum_buffers.size() != count))
     return Gathered{std::nullopt, "the lists of tensors differ in length"};
+  std::vector<Candidate> candidates;
+  candidates.reserve(count);
   for (size_t i = 0; i < count; ++i) {
-    const at::Tensor* grad = plain_tensor(PyList_GET_ITEM(grads.ptr(), i));
-    if (grad == nullptr) return refuse(i, "its gradient is not a plain tensor");
     auto item = [i](const py::list& list) { return plain_tensor(PyList_GET_ITEM(list.ptr(), i)); };
-    auto why = add_entry(plan, PyList_GET_ITEM(params.ptr(), i), *grad, item(square_avgs),
-                         plan.centered ? item(grad_avgs) : nullptr, plan.momentum ? item(momentum_buffers) : nullptr,
-                         item(steps));
-    if (why) return refuse(i, *why);
+    if (item(params) == nullptr) return refuse(i, "not a plain tensor");
+    candidates.push_back(Candidate{i, item(params), item(grads), item(square_avgs),
+                                   centered ? item(grad_avgs) : nullptr, momentum ? item(momentum_buffers) : nullptr,
+                                   item(steps)});
   }
-  return Gathered{std::move(plan), ""};
+  return checked_plan(candidates, centered, momentum);
 }
 
 py::object as_python(Gathered gathered) {
@@ -376,7 +412,6 @@ void stream_three_read_two_written(const std::vector<at::Tensor>& firsts, const 
     entries.push_back(Entry{Storage::Float32, firsts[i].numel(), firsts[i].data_ptr(), seconds[i].data_ptr(),
                             thirds[i].data_ptr(), nullptr, nullptr, nullptr, false});
   const auto chunks = chunks_of(entries);
-  py::gil_scoped_release no_gil;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const auto [e, start] = chunks[c];
@@ -403,6 +438,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   grad_avg_key = PyUnicode_InternFromString("grad_avg");
   momentum_buffer_key = PyUnicode_InternFromString("momentum_buffer");
   step_key = PyUnicode_InternFromString("step");
+  py::object probe = py::module_::import("torch").attr("zeros")(1);
+  hash_is_address = PyObject_Hash(probe.ptr()) == static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(probe.ptr()));
 
   py::class_<Plan>(module, "Plan", "The checked tensors of one step (see gather_group); run() steps them.")
       .def_property_readonly("size", [](const Plan& plan) { return plan.entries.size(); });

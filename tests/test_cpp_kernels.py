@@ -88,7 +88,7 @@ def test_cpp_kernel_equals_the_numba_kernel_bit_for_bit(dtype, bias_correction, 
         for _ in range(2):
             plan = kernel.gather_tensors(*ours)
             kernel.run(plan, rmsprop.fused.cpu_hyperparameters(kernel, hp))
-            rmsprop.fused._run_numba(*numba, hp)
+            rmsprop.fused._run_numba(tuple(numba), hp)
         for expected, actual in zip(itertools.chain(*numba), itertools.chain(*ours), strict=True):
             # float16 params overflow where the centered variance clamps to 0: inf, then NaN, in both.
             torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=str(settings))

@@ -91,10 +91,9 @@ def triton_on_cpu(monkeypatch):
     calls = []
     chunking = {"block": 64, "blocks_per_chunk": 1}
 
-    def triton_step(*tensor_lists_and_hp):
+    def triton_step(lists, hp):
         calls.append(1)
-        hp = tensor_lists_and_hp[-1]
-        kernels.rmsprop_step(*tensor_lists_and_hp, float(hp.lr), **chunking)
+        kernels.rmsprop_step(*lists, hp, float(hp.lr), **chunking)
 
     monkeypatch.setitem(rmsprop.fused._BACKENDS, "cpu", triton_step)
     # Steps after the first would otherwise go to the C++ kernel, which gathers the tensors itself.

@@ -274,7 +274,12 @@ def fused_rmsprop(
         def chosen(tensors: list[Tensor]) -> list[Tensor]:
             return tensors if positions is None or not tensors else [tensors[i] for i in positions]
 
-        _BACKENDS[device.type](*map(chosen, lists), hp)
+        _BACKENDS[device.type](tuple(map(chosen, lists)), hp)
+
+
+# (params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps) of one kernel call;
+# grad_avgs and momentum_buffers are empty where the rule does not use them.
+TensorLists = tuple[list[Tensor], ...]
 
 
 def cpu_kernel() -> ModuleType | None:
@@ -309,38 +314,23 @@ def cpu_hyperparameters(kernel: ModuleType, hp: Hyperparameters) -> Any:
     )
 
 
-def _run_cpu(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    grad_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    state_steps: list[Tensor],
-    hp: Hyperparameters,
-) -> None:
+def _run_cpu(lists: TensorLists, hp: Hyperparameters) -> None:
     """The C++ kernel, or the numba kernel where no C++ compiler is at hand."""
     kernel = cpu_kernel()
     if kernel is None:
-        _run_numba(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, hp)
+        _run_numba(lists, hp)
         return
-    plan = kernel.gather_tensors(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps)
+    plan = kernel.gather_tensors(*lists)
     if isinstance(plan, str):
         raise RuntimeError(f"the fused CPU kernel cannot take these tensors: {plan}")
     kernel.run(plan, cpu_hyperparameters(kernel, hp))
 
 
-def _run_numba(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    grad_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    state_steps: list[Tensor],
-    hp: Hyperparameters,
-) -> None:
+def _run_numba(lists: TensorLists, hp: Hyperparameters) -> None:
     """One numba kernel call over CPU tensors of one dtype (see :func:`rmsprop._numba_kernels.rmsprop_step`)."""
     if not numba_available():
         raise RuntimeError(f"the fused CPU path has no kernel: {_cpp_kernels().build_problem()}, and numba is not installed")
+    params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps = lists
     kernels = _kernels()
     _match_torch_threads()
     dtype = params[0].dtype
@@ -379,24 +369,14 @@ def _addresses(tensors: list[Tensor]) -> np.ndarray:
     return np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
 
 
-def _run_triton(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    grad_avgs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    state_steps: list[Tensor],
-    hp: Hyperparameters,
-) -> None:
+def _run_triton(lists: TensorLists, hp: Hyperparameters) -> None:
     """One Triton launch (see :func:`rmsprop._triton_kernels.rmsprop_step`)."""
-    _triton_kernels().rmsprop_step(
-        params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, hp, float(hp.lr)
-    )
-    torch.autograd.graph.increment_version(params)
+    _triton_kernels().rmsprop_step(*lists, hp, float(hp.lr))
+    torch.autograd.graph.increment_version(lists[0])
 
 
 # The kernel for each device type that unsupported_reason accepts.
-_BACKENDS: dict[str, Callable[..., None]] = {"cpu": _run_cpu, "cuda": _run_triton}
+_BACKENDS: dict[str, Callable[[TensorLists, Hyperparameters], None]] = {"cpu": _run_cpu, "cuda": _run_triton}
 
 
 def encoded_unsupported_reason(p: Tensor, state: dict, fmt: str) -> str | None:

@@ -23,194 +23,68 @@ changes the step, lr changes between steps so that ``lr_in_momentum`` does.
 from __future__ import annotations
 
 import copy
-import itertools
 
-import numpy as np
 import pytest
 import torch
 
 import rmsprop._cpp_kernels
 import rmsprop.fused
-from rmsprop import RMSprop, reference
+from rmsprop import RMSprop
 from rmsprop.fused import unsupported_reason
-
-SHAPES = [(3, 5), (7,), (2, 3, 4), (), (0,), (300,)]
-# A tensor over two of the kernel's chunks (rmsprop._numba_kernels.CHUNK elements),
-# in a few tests only: chunking does not depend on the flags.
-LARGE_SHAPES = [(70_001,), (5,)]
-LRS = [0.05, 0.02, 0.08, 0.03]  # one per step
-FLAG_NAMES = (
-    "centered",
-    "maximize",
-    "eps_in_sqrt",
-    "bias_correction",
-    "weight_decay",
-    "decoupled_weight_decay",
-    "momentum",
-    "nesterov",
-    "lr_in_momentum",
+from fused_checks import (
+    FLAG_COMBINATIONS,
+    LARGE_SHAPES,
+    LRS,
+    check_float64_against_reference,
+    check_low_precision,
+    combination_id,
+    fused_and_loop,
+    make_gradients,
+    make_params,
+    run_steps,
+    settings_of,
+    state_tensors,
 )
 
-
-def _flag_combinations() -> list[dict]:
-    combinations = []
-    weight_decays = [(0.0, False), (0.2, False), (0.2, True)]
-    momenta = [(0.0, False), (0.8, False), (0.8, True)]
-    for centered, maximize, eps_in_sqrt, bias_correction, (wd, decoupled), (mu, nesterov), lr_in_momentum in (
-        itertools.product([False, True], [False, True], [False, True], [False, True], weight_decays, momenta, [False, True])
-    ):
-        combinations.append(dict(zip(FLAG_NAMES, (centered, maximize, eps_in_sqrt, bias_correction, wd, decoupled, mu, nesterov, lr_in_momentum), strict=True)))
-    return combinations
-
-
-FLAG_COMBINATIONS = _flag_combinations()
-
-
-def _combination_id(flags: dict) -> str:
-    return "-".join(f"{name}={value}" for name, value in flags.items() if value)
-
-
-def _settings(flags: dict) -> dict:
-    # Centered with bias correction has v_hat - m_hat^2 = 0 exactly at the first
-    # step from v = 0, where rounding alone decides the update; starting from
-    # v = 1 keeps the variance away from zero.
-    return {"alpha": 0.9, "eps": 0.1, "initial_scale": 1.0 if flags["centered"] else 0.0, **flags}
-
-
-def _params(dtype: torch.dtype, shapes: list[tuple] = SHAPES, seed: int = 0) -> list[torch.nn.Parameter]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)) for shape in shapes]
-
-
-def _gradients(params: list[torch.Tensor], steps: int, seed: int = 1) -> list[list[torch.Tensor | None]]:
-    """Per step, one gradient per parameter; the second parameter skips step 2, so steps differ."""
-    generator = torch.Generator().manual_seed(seed)
-    gradients = []
-    for step in range(steps):
-        gradients.append(
-            [
-                None if (step == 1 and i == 1) else torch.randn(p.shape, generator=generator, dtype=torch.float64)
-                for i, p in enumerate(params)
-            ]
-        )
-    return gradients
-
-
-def _run(optimizer: RMSprop, params: list[torch.Tensor], gradients: list, dtype: torch.dtype, after_step=None) -> None:
-    for lr, step_gradients in zip(LRS, gradients, strict=True):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for p, g in zip(params, step_gradients, strict=True):
-            p.grad = None if g is None else g.to(dtype)
-        optimizer.step()
-        if after_step is not None:
-            after_step()
-
-
-def _state_tensors(optimizer: RMSprop, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    tensors = []
-    for p in params:
-        state = optimizer.state[p]
-        tensors.append(p.detach())
-        tensors += [state[key] for key in ("step", "square_avg", "grad_avg", "momentum_buffer") if key in state]
-    return tensors
-
-
-def _fused_and_loop(
-    flags: dict, dtype: torch.dtype, loop_dtype: torch.dtype, round_each_step: bool = False, shapes: list[tuple] = SHAPES
-):
-    """(fused tensors, for-loop tensors) after len(LRS) steps from the same start."""
-    settings = _settings(flags)
-    fused_params, loop_params = _params(dtype, shapes), _params(dtype, shapes)
-    loop_params = [torch.nn.Parameter(p.detach().to(loop_dtype)) for p in loop_params]
-    # Both paths see the same gradients: those the low-precision parameters get.
-    gradients = [[g if g is None else g.to(dtype).double() for g in step] for step in _gradients(fused_params, len(LRS))]
-    fused = RMSprop(fused_params, fused=True, **settings)
-    loop = RMSprop(loop_params, foreach=False, fused=False, **settings)
-    _run(fused, fused_params, gradients, dtype)
-
-    def round_to_storage() -> None:
-        for tensor in _state_tensors(loop, loop_params):
-            tensor.copy_(tensor.to(dtype))
-
-    _run(loop, loop_params, gradients, loop_dtype, round_to_storage if round_each_step else None)
-    return _state_tensors(fused, fused_params), _state_tensors(loop, loop_params)
-
-
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=combination_id)
 def test_fused_float32_equals_for_loop_for_every_flag_combination(flags):
-    fused, loop = _fused_and_loop(flags, torch.float32, torch.float32)
+    fused, loop = fused_and_loop(flags, torch.float32, torch.float32)
     assert len(fused) == len(loop)
     for actual, expected in zip(fused, loop, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 2**-6), (torch.float16, 2**-9)], ids=str)
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=combination_id)
 def test_fused_low_precision_equals_float32_for_loop_rounded_each_step(flags, dtype, rtol):
-    _check_low_precision(_fused_and_loop(flags, dtype, torch.float32, round_each_step=True), dtype, rtol)
+    check_low_precision(fused_and_loop(flags, dtype, torch.float32, round_each_step=True), dtype, rtol)
 
 
-def _check_low_precision(results, dtype, rtol):
-    fused, loop = results
-    for actual, expected in zip(fused, loop, strict=True):
-        if actual.dtype != dtype:  # the float32 step counters
-            torch.testing.assert_close(actual, expected)
-            continue
-        # Sums like mu*b + u round at the scale of their largest terms.
-        atol = torch.finfo(dtype).eps * expected.abs().max().item() if expected.numel() else 0.0
-        torch.testing.assert_close(actual.float(), expected, rtol=rtol, atol=atol)
-
-
-@pytest.mark.parametrize("flags", [FLAG_COMBINATIONS[0], FLAG_COMBINATIONS[-1]], ids=_combination_id)
+@pytest.mark.parametrize("flags", [FLAG_COMBINATIONS[0], FLAG_COMBINATIONS[-1]], ids=combination_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_fused_equals_for_loop_on_tensors_over_several_chunks(flags, dtype):
     if dtype in (torch.float32, torch.float64):
-        fused, loop = _fused_and_loop(flags, dtype, dtype, shapes=LARGE_SHAPES)
+        fused, loop = fused_and_loop(flags, dtype, dtype, shapes=LARGE_SHAPES)
         for actual, expected in zip(fused, loop, strict=True):
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     else:
         rtol = 2**-6 if dtype == torch.bfloat16 else 2**-9
-        _check_low_precision(_fused_and_loop(flags, dtype, torch.float32, True, LARGE_SHAPES), dtype, rtol)
+        check_low_precision(fused_and_loop(flags, dtype, torch.float32, True, LARGE_SHAPES), dtype, rtol)
 
 
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=combination_id)
 def test_fused_float64_equals_numpy_reference(flags):
-    _check_float64_against_reference(flags)
-
-
-def _check_float64_against_reference(flags: dict, shapes: list[tuple] = SHAPES) -> None:
-    settings = _settings(flags)
-    params = _params(torch.float64, shapes)
-    gradients = _gradients(params, len(LRS))
-    optimizer = RMSprop(params, fused=True, **settings)
-    _run(optimizer, params, gradients, torch.float64)
-
-    reference_settings = {k: v for k, v in settings.items() if k != "initial_scale"}
-    for i, start in enumerate(_params(torch.float64, shapes)):
-        value = start.detach().numpy()
-        state = reference.init_state(value, settings["initial_scale"])
-        for lr, step_gradients in zip(LRS, gradients, strict=True):
-            if step_gradients[i] is not None:
-                value, state = reference.step(value, step_gradients[i].numpy(), state, lr=lr, **reference_settings)
-        p_state = optimizer.state[params[i]]
-        np.testing.assert_allclose(params[i].detach().numpy(), value, rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(p_state["square_avg"].numpy(), state.square_avg, rtol=1e-12, atol=1e-14)
-        assert p_state["step"].item() == state.step
-        if flags["centered"]:
-            np.testing.assert_allclose(p_state["grad_avg"].numpy(), state.grad_avg, rtol=1e-12, atol=1e-14)
-        if flags["momentum"]:
-            np.testing.assert_allclose(p_state["momentum_buffer"].numpy(), state.momentum_buffer, rtol=1e-12, atol=1e-14)
+    check_float64_against_reference(flags)
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
 @pytest.mark.parametrize(
     "flags",
     [FLAG_COMBINATIONS[0], FLAG_COMBINATIONS[-1], {**FLAG_COMBINATIONS[0], "centered": True, "weight_decay": 0.2}],
-    ids=_combination_id,
+    ids=combination_id,
 )
 def test_fused_complex_equals_for_loop(flags, dtype):
-    settings = _settings(flags)
+    settings = settings_of(flags)
     generator = torch.Generator().manual_seed(0)
     start = [torch.randn(shape, dtype=dtype, generator=generator) for shape in [(4, 3), (70_001,)]]
     fused_params = [torch.nn.Parameter(p.clone()) for p in start]
@@ -223,7 +97,7 @@ def test_fused_complex_equals_for_loop(flags, dtype):
             for p in params:
                 p.grad = torch.ones_like(p) * (1 + 2j) + lr
             optimizer.step()
-    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+    for actual, expected in zip(state_tensors(fused, fused_params), state_tensors(loop, loop_params), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -404,7 +278,7 @@ def test_fused_takes_parameters_of_several_dtypes_in_one_group():
             q.grad = p.grad.clone()
         fused.step()
         loop.step()
-    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+    for actual, expected in zip(state_tensors(fused, fused_params), state_tensors(loop, loop_params), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -413,7 +287,7 @@ def test_fused_takes_float64_step_counters():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        fused, loop = _fused_and_loop(FLAG_COMBINATIONS[-1], torch.float32, torch.float32)
+        fused, loop = fused_and_loop(FLAG_COMBINATIONS[-1], torch.float32, torch.float32)
     finally:
         torch.set_default_dtype(previous)
     assert fused[1].dtype == torch.float64
@@ -473,9 +347,9 @@ def numba_instead_of_cpp(monkeypatch):
     assert calls, "the numba kernel was not called"
 
 
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::5], ids=_combination_id)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::5], ids=combination_id)
 def test_without_the_cpp_kernel_the_numba_kernel_equals_for_loop(numba_instead_of_cpp, flags):
-    fused, loop = _fused_and_loop(flags, torch.float32, torch.float32)
+    fused, loop = fused_and_loop(flags, torch.float32, torch.float32)
     for actual, expected in zip(fused, loop, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
@@ -515,7 +389,7 @@ LOW_PRECISION_SHAPES = [(70, 73), (80,)]  # 20 blocks, the last one partial; and
 
 
 def _encoded_settings(flags: dict, mode: str) -> dict:
-    return {**_settings(flags), "state_precision": mode, "min_8bit_size": 4096}
+    return {**settings_of(flags), "state_precision": mode, "min_8bit_size": 4096}
 
 
 def _check_same_step(fused: RMSprop, fused_params: list, loop: RMSprop, loop_params: list) -> None:
@@ -568,9 +442,9 @@ def _few(different: torch.Tensor) -> bool:
 def _step_by_step(monkeypatch, settings: dict, dtype: torch.dtype, steps: int = 6, shapes=LOW_PRECISION_SHAPES) -> None:
     """Steps a fused optimizer; before each step a per-tensor twin loads its state; both must agree after it."""
     calls = _spy_on_encoded_kernels(monkeypatch)
-    params = _params(dtype, shapes)
+    params = make_params(dtype, shapes)
     optimizer = RMSprop(params, fused=None, **settings)
-    for step, step_gradients in enumerate(_gradients(params, steps)):
+    for step, step_gradients in enumerate(make_gradients(params, steps)):
         twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
         twin = RMSprop(twins, fused=False, **settings)
         twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
@@ -590,14 +464,14 @@ def _step_by_step(monkeypatch, settings: dict, dtype: torch.dtype, steps: int = 
 
 
 @pytest.mark.parametrize("mode", ["bf16", "8bit"])
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=combination_id)
 def test_fused_encoded_state_equals_the_per_tensor_path_step_by_step(monkeypatch, flags, mode):
     _step_by_step(monkeypatch, _encoded_settings(flags, mode), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("mode", ["bf16", "8bit"])
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::7], ids=_combination_id)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::7], ids=combination_id)
 def test_fused_encoded_state_of_other_parameter_dtypes_equals_the_per_tensor_path(monkeypatch, flags, mode, dtype):
     _step_by_step(monkeypatch, _encoded_settings(flags, mode), dtype)
 
@@ -611,12 +485,12 @@ def test_fused_encoded_state_does_not_depend_on_the_thread_count(mode):
     for count in (1, 2):
         torch.set_num_threads(count)
         try:
-            params = _params(torch.float32, [(140_001,)])  # three of the kernel's chunks
+            params = make_params(torch.float32, [(140_001,)])  # three of the kernel's chunks
             optimizer = RMSprop(params, **settings)
-            _run(optimizer, params, _gradients(params, len(LRS)), torch.float32)
+            run_steps(optimizer, params, make_gradients(params, len(LRS)), torch.float32)
         finally:
             torch.set_num_threads(threads)
-        results.append(_state_tensors(optimizer, params) + [optimizer.state[params[0]]["grad_variance"]])
+        results.append(state_tensors(optimizer, params) + [optimizer.state[params[0]]["grad_variance"]])
     for one_thread, two_threads in zip(*results, strict=True):
         assert torch.equal(one_thread, two_threads)
 
@@ -628,9 +502,9 @@ def test_fused_encoded_state_does_not_depend_on_the_thread_count(mode):
 )
 def test_low_precision_groups_step_per_tensor_without_fused(monkeypatch, settings):
     calls = _spy_on_encoded_kernels(monkeypatch)
-    params = _params(torch.float32, [(5000,)])
+    params = make_params(torch.float32, [(5000,)])
     optimizer = RMSprop(params, state_precision="8bit", **settings)
-    _run(optimizer, params, _gradients(params, len(LRS)), torch.float32)
+    run_steps(optimizer, params, make_gradients(params, len(LRS)), torch.float32)
     assert calls == [0] * len(LRS)
 
 
@@ -653,7 +527,7 @@ def test_fused_true_refuses_a_low_precision_step_it_cannot_take():
 def test_fused_encoded_group_takes_complex_parameters_with_their_own_dtype_state(monkeypatch):
     """Complex parameters keep complex state in low-precision groups; the full-precision kernel steps them."""
     calls = _spy_on_encoded_kernels(monkeypatch)
-    fused_params = _params(torch.complex64, [(300,)]) + _params(torch.float32, [(5000,)])
+    fused_params = make_params(torch.complex64, [(300,)]) + make_params(torch.float32, [(5000,)])
     loop_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
     settings = {"momentum": 0.8, "centered": True, "state_precision": "8bit", "min_8bit_size": 0}
     fused = RMSprop(fused_params, **settings)

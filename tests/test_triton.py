@@ -22,7 +22,6 @@ float32 tolerance covers.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -34,14 +33,14 @@ import rmsprop.fused  # noqa: E402
 import rmsprop.optimizer  # noqa: E402
 from rmsprop import RMSprop  # noqa: E402
 from rmsprop.functional import Hyperparameters  # noqa: E402
-from test_fused import (  # noqa: E402
+from fused_checks import (  # noqa: E402
     FLAG_COMBINATIONS,
-    _check_float64_against_reference,
-    _check_low_precision,
-    _combination_id,
-    _fused_and_loop,
-    _settings,
-    _state_tensors,
+    check_float64_against_reference,
+    check_low_precision,
+    combination_id,
+    fused_and_loop,
+    settings_of,
+    state_tensors,
 )
 
 CUDA = torch.cuda.is_available()
@@ -108,31 +107,31 @@ def two_blocks_per_program(triton_on_cpu):
 
 
 @interpreter_only
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=combination_id)
 def test_float32_equals_for_loop_for_every_flag_combination(triton_on_cpu, flags):
-    fused, loop = _fused_and_loop(flags, torch.float32, torch.float32, shapes=SHAPES)
+    fused, loop = fused_and_loop(flags, torch.float32, torch.float32, shapes=SHAPES)
     assert len(fused) == len(loop)
     for actual, expected in zip(fused, loop, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
 @interpreter_only
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=combination_id)
 def test_float64_equals_numpy_reference_for_every_flag_combination(triton_on_cpu, flags):
-    _check_float64_against_reference(flags, [(3, 5), (7,)])
+    check_float64_against_reference(flags, [(3, 5), (7,)])
 
 
 @interpreter_only
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 2**-6), (torch.float16, 2**-9)], ids=str)
-@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=combination_id)
 def test_low_precision_equals_float32_for_loop_rounded_each_step(two_blocks_per_program, flags, dtype, rtol):
     shapes = [*SHAPES, ()]
-    _check_low_precision(_fused_and_loop(flags, dtype, torch.float32, round_each_step=True, shapes=shapes), dtype, rtol)
+    check_low_precision(fused_and_loop(flags, dtype, torch.float32, round_each_step=True, shapes=shapes), dtype, rtol)
 
 
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
-@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=combination_id)
 def test_complex_equals_for_loop(two_blocks_per_program, flags, dtype):
     generator = torch.Generator().manual_seed(0)
     shapes = [(3, 5), (40,)]  # 80 reals: two programs
@@ -141,12 +140,12 @@ def test_complex_equals_for_loop(two_blocks_per_program, flags, dtype):
     results = []
     for fused in (True, False):
         params = [torch.nn.Parameter(p.clone()) for p in start]
-        optimizer = RMSprop(params, fused=fused, foreach=None if fused else False, **_settings(flags))
+        optimizer = RMSprop(params, fused=fused, foreach=None if fused else False, **settings_of(flags))
         for step_gradients in gradients:
             for p, g in zip(params, step_gradients, strict=True):
                 p.grad = g
             optimizer.step()
-        results.append(_state_tensors(optimizer, params))
+        results.append(state_tensors(optimizer, params))
     for actual, expected in zip(*results, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
@@ -187,7 +186,7 @@ def test_one_launch_per_dtype_over_tensors_of_several_dtypes(triton_on_cpu, monk
             for p in params:
                 p.grad = torch.full_like(p, 0.5 + step)
             optimizer.step()
-        results.append(_state_tensors(optimizer, params))
+        results.append(state_tensors(optimizer, params))
     assert len(launches) == 3 * 3  # float32, float64 and complex64, at each of 3 steps
     for actual, expected in zip(*results, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
@@ -234,13 +233,13 @@ def _triton_launches(monkeypatch) -> list:
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64], ids=str)
-@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=_combination_id)
+@pytest.mark.parametrize("flags", SOME_COMBINATIONS, ids=combination_id)
 def test_cuda_fused_none_takes_the_triton_kernel_and_equals_for_loop(monkeypatch, flags, dtype):
     calls = _triton_launches(monkeypatch)
     fused, fused_params = _train_cuda(dtype, flags)
     assert calls
     loop, loop_params = _train_cuda(dtype, flags, fused=False, foreach=False)
-    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+    for actual, expected in zip(state_tensors(fused, fused_params), state_tensors(loop, loop_params), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -250,7 +249,7 @@ def test_cuda_low_precision_is_close_to_float32(dtype, rtol):
     flags = FLAG_COMBINATIONS[-1]
     fused, fused_params = _train_cuda(dtype, flags, fused=True)
     loop, loop_params = _train_cuda(torch.float32, flags, fused=False, foreach=False)
-    for actual, expected in zip(_state_tensors(fused, fused_params), _state_tensors(loop, loop_params), strict=True):
+    for actual, expected in zip(state_tensors(fused, fused_params), state_tensors(loop, loop_params), strict=True):
         # Three steps of rounding to the storage type, against none.
         torch.testing.assert_close(actual.float(), expected.float(), rtol=4 * rtol, atol=4 * rtol)
 

@@ -27,3 +27,16 @@ def test_bad_epochs_is_a_usage_error(capsys):
 def test_demo_runs_in_process(capsys):
     assert main(["demo", "--epochs", "3"]) == 0
     assert "Epoch [3/3]" in capsys.readouterr().out
+
+
+def test_build_kernel_loads_the_kernel_and_says_where(capsys):
+    assert main(["build-kernel"]) == 0
+    assert "fused CPU kernel ready in" in capsys.readouterr().out
+
+
+def test_build_kernel_fails_clearly_without_a_compiler(capsys, monkeypatch):
+    from rmsprop import _cpp_kernels
+
+    monkeypatch.setattr(_cpp_kernels, "build_problem", lambda: "no C++ compiler ('x') on PATH")
+    assert main(["build-kernel"]) == 1
+    assert "no C++ compiler ('x') on PATH; the fused CPU path will use the numba kernel" in capsys.readouterr().err

@@ -59,6 +59,20 @@ def _bench(args: argparse.Namespace) -> int:
     )
 
 
+def _build_kernel(args: argparse.Namespace) -> int:
+    import time
+
+    from rmsprop import _cpp_kernels
+
+    start = time.perf_counter()
+    problem = _cpp_kernels.build_problem()
+    if problem is not None:
+        print(f"rmsprop: {problem}; the fused CPU path will use the numba kernel", file=sys.stderr)
+        return 1
+    print(f"fused CPU kernel ready in {time.perf_counter() - start:.1f} s: {_cpp_kernels.module().__file__}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rmsprop",
@@ -133,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the tensors live; with cuda the fused path is the Triton kernel and the bound is copy bandwidth (default: cpu)",
     )
     bench.set_defaults(run=_bench)
+
+    build_kernel = commands.add_parser(
+        "build-kernel",
+        help="build (or load) the fused CPU kernel now, e.g. while building a container image",
+        description="Compile the C++ kernel of the fused CPU path into torch's extension cache "
+        "(TORCH_EXTENSIONS_DIR), as the first fused step would, and print where it is; "
+        "exit status 1 if it cannot be built here.",
+    )
+    build_kernel.set_defaults(run=_build_kernel)
     return parser
 
 

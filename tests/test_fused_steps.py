@@ -23,6 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rmsprop.optimizer
 from rmsprop import RMSprop
 
 
@@ -271,3 +272,15 @@ def test_any_sequence_of_changes_gives_the_for_loop_result(script, settings_inde
             _CHANGES[script[(step - 1) % len(script)]](optimizer, params, step)
 
     _assert_same_run(change, **settings_[settings_index])
+
+
+def test_a_group_off_the_cpu_never_builds_or_asks_the_cpp_kernel(monkeypatch):
+    def fail():
+        raise AssertionError("the C++ kernel was asked for a group on another device")
+
+    param = torch.nn.Parameter(torch.ones(3, device="meta"))
+    optimizer = RMSprop([param])
+    monkeypatch.setattr(rmsprop.optimizer, "cpu_kernel", fail)
+    for _ in range(2):
+        param.grad = torch.ones(3, device="meta")
+        optimizer.step()

@@ -351,7 +351,8 @@ class RMSprop(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             if group["state_precision"] != "full" or group["differentiable"] or group["capturable"]:
                 continue
-            if not (_fused_wanted(group) and group["params"]):
+            # A CUDA group goes to the Triton kernel: no C++ build, no gathering to refuse.
+            if not (_fused_wanted(group) and group["params"] and group["params"][0].is_cpu):
                 continue
             kernel = kernel or cpu_kernel()
             if kernel is None:

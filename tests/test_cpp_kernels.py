@@ -178,4 +178,21 @@ def test_the_kernel_is_built_for_this_cpu_and_loaded_once():
     from rmsprop import _cpp_kernels
 
     assert _cpp_kernels.module() is _cpp_kernels.module()
-    assert _cpp_kernels.module().__name__ == f"rmsprop_fused_step_{_cpp_kernels._cpu_digest()}"
+    assert _cpp_kernels.module().__name__ == f"rmsprop_fused_step_{_cpp_kernels._build_digest()}"
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_but_a_fresh_one_is_not(tmp_path):
+    import os
+    import time
+
+    from rmsprop import _cpp_kernels
+
+    assert not _cpp_kernels.remove_stale_lock(tmp_path)
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not _cpp_kernels.remove_stale_lock(tmp_path) and lock.exists()
+    old = time.time() - _cpp_kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="left 11 minutes ago by a build that did not finish"):
+        assert _cpp_kernels.remove_stale_lock(tmp_path)
+    assert not lock.exists()

@@ -1,12 +1,13 @@
 """The C++ kernel of the fused CPU path (``csrc/fused_step.cpp``), built on first use.
 
-:func:`module` compiles it with ``torch.utils.cpp_extension`` (about 30 s on
+:func:`module` compiles it with ``torch.utils.cpp_extension`` (about 35 s on
 2 cores, once) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions``); later processes load the built
-library in milliseconds. It is built for this machine's CPU
-(``-march=native``), so the cache entry's name carries a digest of the CPU's
-model and flags. Its loops run on torch's own intra-op threads
-(``at::parallel_for``): no second thread pool competes with torch's.
+default ``~/.cache/torch_extensions``); later processes
+load the built library in milliseconds. The cache entry's name carries a
+digest of what the library depends on besides its source: the CPU's model
+and flags (it is built with ``-march=native``), and the Python and torch
+versions (their headers and ABI). Its loops run on torch's own intra-op
+threads (``at::parallel_for``): no second thread pool competes with torch's.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import hashlib
 import os
 import platform
 import shutil
+import time
+import warnings
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["build_problem", "compiler_missing", "module"]
+__all__ = ["build_problem", "compiler_missing", "module", "remove_stale_lock"]
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_step.cpp"
 # -ffp-contract=off: no fused multiply-adds, each operation rounded as numba's and torch's.
@@ -45,12 +48,36 @@ def module() -> ModuleType:
     ninja = _ninja_directory()
     if ninja is not None and shutil.which("ninja") is None:
         os.environ["PATH"] = f"{ninja}{os.pathsep}{os.environ.get('PATH', '')}"
+    name = f"rmsprop_fused_step_{_build_digest()}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    directory = Path(root) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_lock(directory)
     return cpp_extension.load(
-        name=f"rmsprop_fused_step_{_cpu_digest()}",
+        name=name,
         sources=[str(SOURCE)],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
     )
+
+
+# A build takes well under a minute; a lock this old belongs to a build that was killed.
+STALE_LOCK_SECONDS = 600
+
+
+def remove_stale_lock(directory: Path) -> bool:
+    """Remove the lock file a killed build left in ``directory`` (torch would wait on it forever)."""
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    warnings.warn(f"rmsprop: removing {lock}, left {age / 60:.0f} minutes ago by a build that did not finish", stacklevel=3)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 @cache
@@ -79,9 +106,11 @@ def _ninja_directory() -> str | None:
     return ninja.BIN_DIR
 
 
-def _cpu_digest() -> str:
-    """Eight hex digits naming this CPU's model and instruction-set flags (the build uses -march=native)."""
-    description = platform.machine() + platform.processor()
+def _build_digest() -> str:
+    """Eight hex digits naming this CPU's model and flags, and the Python and torch versions."""
+    import torch
+
+    description = platform.machine() + platform.processor() + platform.python_version() + torch.__version__
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:

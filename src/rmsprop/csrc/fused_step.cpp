@@ -421,30 +421,47 @@ py::object as_python(Gathered gathered) {
   return py::str(gathered.reason);
 }
 
-// Memory traffic of a plain step and nothing else (the benchmark's bound):
-// reads the three tensors of each entry, writes the first and third back,
-// chunked and threaded as run(). Adding ``second - second`` keeps finite
+// The memory traffic of a step and nothing else (the benchmark's bound): reads
+// the gradient and reads and writes back the parameter and each buffer the
+// variant has, chunked and threaded as run(). Adding ``g - g`` keeps finite
 // values but cannot be optimised away without fast-math.
-void stream_three_read_two_written(const std::vector<at::Tensor>& firsts, const std::vector<at::Tensor>& seconds,
-                                   const std::vector<at::Tensor>& thirds) {
+template <Variant V>
+void stream_chunk(const Entry& entry, int64_t start, int64_t end) {
+  float* __restrict p = static_cast<float*>(entry.param) + start;
+  const float* __restrict g = static_cast<const float*>(entry.grad) + start;
+  float* __restrict v = static_cast<float*>(entry.square_avg) + start;
+  float* __restrict m = V.centered ? static_cast<float*>(entry.grad_avg) + start : nullptr;
+  float* __restrict b = V.momentum ? static_cast<float*>(entry.momentum_buffer) + start : nullptr;
+  const int64_t n = end - start;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float nothing = g[i] - g[i];
+    p[i] = p[i] + nothing;
+    v[i] = v[i] + nothing;
+    if constexpr (V.centered) m[i] = m[i] + nothing;
+    if constexpr (V.momentum) b[i] = b[i] + nothing;
+  }
+}
+
+void stream_step_traffic(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& square_avgs, const std::vector<at::Tensor>& grad_avgs,
+                         const std::vector<at::Tensor>& momentum_buffers) {
+  const bool centered = !grad_avgs.empty(), momentum = !momentum_buffers.empty();
   std::vector<Entry> entries;
-  for (size_t i = 0; i < firsts.size(); ++i)
-    entries.push_back(Entry{Storage::Float32, firsts[i].numel(), firsts[i].data_ptr(), seconds[i].data_ptr(),
-                            thirds[i].data_ptr(), nullptr, nullptr, nullptr, false});
+  for (size_t i = 0; i < params.size(); ++i)
+    entries.push_back(Entry{Storage::Float32, params[i].numel(), params[i].data_ptr(), grads[i].data_ptr(),
+                            square_avgs[i].data_ptr(), centered ? grad_avgs[i].data_ptr() : nullptr,
+                            momentum ? momentum_buffers[i].data_ptr() : nullptr, nullptr, false});
   const auto chunks = chunks_of(entries);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const auto [e, start] = chunks[c];
-      const int64_t n = std::min(kChunk, entries[e].size - start);
-      float* __restrict a = static_cast<float*>(entries[e].param) + start;
-      const float* __restrict b = static_cast<const float*>(entries[e].grad) + start;
-      float* __restrict d = static_cast<float*>(entries[e].square_avg) + start;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        float nothing = b[i] - b[i];
-        a[i] = a[i] + nothing;
-        d[i] = d[i] + nothing;
-      }
+      const Entry& entry = entries[e];
+      const int64_t end = std::min(start + kChunk, entry.size);
+      if (centered && momentum) stream_chunk<Variant{true, true, false, false}>(entry, start, end);
+      else if (centered) stream_chunk<Variant{true, false, false, false}>(entry, start, end);
+      else if (momentum) stream_chunk<Variant{false, true, false, false}>(entry, start, end);
+      else stream_chunk<Variant{false, false, false, false}>(entry, start, end);
     }
   });
 }
@@ -482,6 +499,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       },
       "A Plan of these tensors, or why there is none (a str).");
   module.def("run", &run, "Increment the steps and apply the rule to every element of the plan.");
-  module.def("stream_three_read_two_written", &stream_three_read_two_written,
-             "The memory traffic of a plain step, nothing else (the benchmark's bound).");
+  module.def("stream_step_traffic", &stream_step_traffic,
+             "The memory traffic of a step over float32 tensors, nothing else (the benchmark's bound); "
+             "empty grad_avgs / momentum_buffers for a step without them.");
 }

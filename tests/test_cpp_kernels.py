@@ -124,6 +124,7 @@ def test_gather_group_takes_a_group_with_state():
         (lambda params, opt: setattr(params[1], "grad", torch.ones(3, 2).t()), "parameter 1: its gradient is not contiguous"),
         (lambda params, opt: _to_float64(params[0]), "parameter 0: its 'square_avg' has another dtype"),
         (lambda params, opt: opt.state[params[0]].update(square_avg=torch.ones(9)), "parameter 0: its 'square_avg' has another shape"),
+        (lambda params, opt: setattr(params[1], "grad", torch.ones(2, 3)._neg_view()), "parameter 1: its gradient has its conjugate or negative bit"),
         (lambda params, opt: opt.state[params[0]].pop("grad_avg"), "parameter 0: its 'grad_avg' is not a plain tensor"),
         (lambda params, opt: opt.state[params[1]].update(step=3), "parameter 1: its 'step' is not a 1-element"),
         (lambda params, opt: opt.state[params[1]].update(step=torch.tensor(3)), "parameter 1: its 'step' is not a 1-element"),

@@ -179,6 +179,23 @@ def test_fused_none_falls_back_for_a_non_contiguous_gradient(monkeypatch):
     assert not _uses_fused(monkeypatch, RMSprop([param]))
 
 
+def test_a_conjugate_view_gradient_is_refused_as_torch_refuses_it():
+    """``g.conj()`` is a lazy view whose memory holds ``g``: the kernels, which read memory, leave
+    it to the other paths, which refuse it as torch.optim.RMSprop does (not stepped with ``g``)."""
+    gradient = torch.randn(4, 3, dtype=torch.complex64)
+    for optimizer_class in (RMSprop, torch.optim.RMSprop):
+        param = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.complex64))
+        optimizer = optimizer_class([param], lr=0.1)
+        param.grad = gradient.conj()
+        with pytest.raises(RuntimeError, match="unresolved conjugated tensors"):
+            optimizer.step()
+        assert torch.equal(param, torch.ones(4, 3, dtype=torch.complex64))
+    tensors = [[param], [gradient.conj()], [torch.zeros(4, 3, dtype=torch.complex64)], [], [], [torch.zeros(())]]
+    assert unsupported_reason(*tensors, differentiable=False, capturable=False) == (
+        "the gradient of parameter 0 has its conjugate or negative bit set (call .resolve_conj() / .resolve_neg())"
+    )
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -158,6 +158,9 @@ def unsupported_dtype_or_layout(tensor: Tensor, what: str) -> str | None:
         return f"{what} has dtype {tensor.dtype}; supported: float32, float64, bfloat16, float16, complex64, complex128"
     if not tensor.is_contiguous():
         return f"{what} is not contiguous"
+    if tensor.is_conj() or tensor.is_neg():
+        # A lazy view: its memory holds the values before conjugation or negation.
+        return f"{what} has its conjugate or negative bit set (call .resolve_conj() / .resolve_neg())"
     return None
 
 
@@ -199,11 +202,14 @@ def unsupported_reason(
 
 
 def all_plain_strided_contiguous(tensors: list[Tensor]) -> bool:
-    """Whether every tensor is a plain (or Parameter) dense contiguous tensor, in C-level passes."""
+    """Whether every tensor is a plain (or Parameter) dense contiguous tensor whose memory holds
+    its values (no lazy conjugate or negative bit), in C-level passes."""
     return (
         set(map(type, tensors)) <= _PLAIN_TYPES
         and set(map(_LAYOUT, tensors)) <= {torch.strided}
         and all(map(Tensor.is_contiguous, tensors))
+        and not any(map(Tensor.is_conj, tensors))
+        and not any(map(Tensor.is_neg, tensors))
     )
 
 

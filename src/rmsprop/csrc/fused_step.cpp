@@ -249,7 +249,9 @@ std::optional<std::string> misfit(const at::Tensor* tensor, const at::Tensor& pa
   if (!tensor->device().is_cpu()) return problem(" is not on the CPU");
   if (tensor->scalar_type() != param.scalar_type()) return problem(" has another dtype than the parameter");
   if (tensor->sizes() != param.sizes()) return problem(" has another shape than the parameter");
-  if (!tensor->is_contiguous() || tensor->is_conj() || tensor->is_neg()) return problem(" is not contiguous");
+  if (!tensor->is_contiguous()) return problem(" is not contiguous");
+  // A lazy view: its memory holds the values before conjugation or negation.
+  if (tensor->is_conj() || tensor->is_neg()) return problem(" has its conjugate or negative bit set");
   return std::nullopt;
 }
 

@@ -10,6 +10,7 @@ declines before changing anything.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -197,3 +198,25 @@ def test_a_lock_left_by_a_killed_build_is_removed_but_a_fresh_one_is_not(tmp_pat
     with pytest.warns(UserWarning, match="left 11 minutes ago by a build that did not finish"):
         assert _cpp_kernels.remove_stale_lock(tmp_path)
     assert not lock.exists()
+
+
+def test_a_build_says_it_is_building_and_a_load_does_not(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    from rmsprop import _cpp_kernels
+
+    built = _cpp_kernels.module()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda **arguments: built)
+    _cpp_kernels.module.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="building the fused CPU kernel for this machine"):
+            _cpp_kernels.module()
+        name = f"rmsprop_fused_step_{_cpp_kernels._build_digest()}"
+        (tmp_path / name / f"{name}.so").touch()
+        _cpp_kernels.module.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _cpp_kernels.module()
+    finally:
+        _cpp_kernels.module.cache_clear()

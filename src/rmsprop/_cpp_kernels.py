@@ -4,9 +4,9 @@
 2 cores, once) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``); later processes
 load the built library in milliseconds. The cache entry's name carries a
-digest of what the library depends on besides its source: the CPU's model
+digest of what the library depends on: its source and flags, the CPU's model
 and flags (it is built with ``-march=native``), and the Python and torch
-versions (their headers and ABI). Its loops run on torch's own intra-op
+versions (their headers and ABI). The first build warns that it is building. Its loops run on torch's own intra-op
 threads (``at::parallel_for``): no second thread pool competes with torch's.
 """
 
@@ -53,6 +53,12 @@ def module() -> ModuleType:
     directory = Path(root) / name
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_lock(directory)
+    if not (directory / f"{name}.so").exists():
+        warnings.warn(
+            "rmsprop: building the fused CPU kernel for this machine (about 35 s on 2 cores, once; "
+            "`rmsprop build-kernel` does it ahead of time)",
+            stacklevel=2,
+        )
     return cpp_extension.load(
         name=name,
         sources=[str(SOURCE)],
@@ -107,10 +113,15 @@ def _ninja_directory() -> str | None:
 
 
 def _build_digest() -> str:
-    """Eight hex digits naming this CPU's model and flags, and the Python and torch versions."""
+    """Eight hex digits naming the source and flags, this CPU's model and flags, and the Python and torch versions.
+
+    A new source gets a directory of its own, so whether one is built is
+    whether its library file exists (torch would version it in place).
+    """
     import torch
 
-    description = platform.machine() + platform.processor() + platform.python_version() + torch.__version__
+    description = SOURCE.read_text() + " ".join(CFLAGS)
+    description += platform.machine() + platform.processor() + platform.python_version() + torch.__version__
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:

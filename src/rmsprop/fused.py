@@ -65,11 +65,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rmsprop import _cpp_kernels
 from rmsprop.functional import Hyperparameters
 from rmsprop.state_precision import SIGNED_MAP, UNSIGNED_MAP, interval_table, num_blocks, stored_keys
 
 __all__ = [
-    "all_plain_strided_contiguous",
     "cpu_hyperparameters",
     "cpu_kernel",
     "encoded_unsupported_reason",
@@ -114,7 +114,7 @@ def triton_available() -> bool:
 def missing_backend(device: torch.device) -> str | None:
     """Why the fused kernel for ``device`` cannot run here (its compiler is not installed), or ``None``."""
     if device.type == "cpu" and not numba_available():
-        missing = _cpp_kernels().compiler_missing()
+        missing = _cpp_kernels.compiler_missing()
         if missing is not None:
             return f"{missing}, and numba (the other CPU kernel) is not installed"
     if device.type == "cuda" and not triton_available():
@@ -128,14 +128,6 @@ def _kernels() -> ModuleType:
     from rmsprop import _numba_kernels
 
     return _numba_kernels
-
-
-@cache
-def _cpp_kernels() -> ModuleType:
-    """The loader of the C++ kernel (it imports torch.utils.cpp_extension, which takes ~0.3 s)."""
-    from rmsprop import _cpp_kernels
-
-    return _cpp_kernels
 
 
 @cache
@@ -178,10 +170,9 @@ def unsupported_reason(
     """Why :func:`fused_rmsprop` cannot take these inputs, or ``None`` if it can.
 
     The kernels write through raw pointers, so every tensor is checked: its
-    device, layout, dtype, contiguity and shape. The optimizer calls this on a
-    group's first fused step and after any change :mod:`rmsprop.fused_cache`
-    sees; in between, that module checks the new gradients and that nothing
-    else changed.
+    device, layout, dtype, contiguity and shape. The optimizer calls this for a
+    group the C++ kernel's own gathering declined (its first step, or a change
+    it cannot take); the C++ kernel's checks are the same.
     """
     if differentiable:
         return "differentiable=True needs autograd through the step"
@@ -201,7 +192,7 @@ def unsupported_reason(
     return None
 
 
-def all_plain_strided_contiguous(tensors: list[Tensor]) -> bool:
+def _all_plain_strided_contiguous(tensors: list[Tensor]) -> bool:
     """Whether every tensor is a plain (or Parameter) dense contiguous tensor whose memory holds
     its values (no lazy conjugate or negative bit), in C-level passes."""
     return (
@@ -215,7 +206,7 @@ def all_plain_strided_contiguous(tensors: list[Tensor]) -> bool:
 
 def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_steps: list[Tensor]) -> bool:
     """The check of :func:`unsupported_reason`, one C-level pass per property (~1 us per parameter)."""
-    if not all(map(all_plain_strided_contiguous, (params, *buffers))):
+    if not all(map(_all_plain_strided_contiguous, (params, *buffers))):
         return False
     dtypes, shapes, devices = list(map(_DTYPE, params)), list(map(_SHAPE, params)), list(map(_DEVICE, params))
     if not (set(dtypes) <= _SUPPORTED_DTYPES and {device.type for device in set(devices)} <= _DEVICE_TYPES):
@@ -266,7 +257,7 @@ def fused_rmsprop(
     state_steps: list[Tensor],
     hp: Hyperparameters,
 ) -> None:
-    """Apply one RMSProp step in place, in one kernel call per device (and dtype, but in C++).
+    """Apply one RMSProp step in place, in one kernel call per device, parameter dtype and step dtype.
 
     Same contract as :func:`rmsprop.functional.rmsprop`; the inputs must pass
     :func:`unsupported_reason`.
@@ -290,11 +281,11 @@ TensorLists = tuple[list[Tensor], ...]
 
 def cpu_kernel() -> ModuleType | None:
     """The C++ kernel (:mod:`rmsprop._cpp_kernels`), built or loaded on first use; ``None`` where it cannot be built."""
-    problem = _cpp_kernels().build_problem()
+    problem = _cpp_kernels.build_problem()
     if problem is not None:
         _warn_numba_fallback(problem)
         return None
-    return _cpp_kernels().module()
+    return _cpp_kernels.module()
 
 
 @cache
@@ -335,7 +326,7 @@ def _run_cpu(lists: TensorLists, hp: Hyperparameters) -> None:
 def _run_numba(lists: TensorLists, hp: Hyperparameters) -> None:
     """One numba kernel call over CPU tensors of one dtype (see :func:`rmsprop._numba_kernels.rmsprop_step`)."""
     if not numba_available():
-        raise RuntimeError(f"the fused CPU path has no kernel: {_cpp_kernels().build_problem()}, and numba is not installed")
+        raise RuntimeError(f"the fused CPU path has no kernel: {_cpp_kernels.build_problem()}, and numba is not installed")
     params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps = lists
     kernels = _kernels()
     _match_torch_threads()

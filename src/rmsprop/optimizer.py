@@ -410,8 +410,7 @@ class RMSprop(Optimizer):
                 continue
             tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
             self._init_group(group, *tensors)
-            fused = _use_fused(group, tensors)
-            prepared.append((group_index, tensors, fused))
+            prepared.append((group_index, tensors, _use_fused(group, tensors)))
         if not torch.compiler.is_compiling():
             # The fused path has checked its tensors already: it runs only where they fit.
             self._check_state_fits_params(index for index, tensors, fused in prepared if tensors and not fused)
@@ -450,6 +449,7 @@ class RMSprop(Optimizer):
         if not _fused_wanted(group) or not numba_available():
             return []
         chosen = []
+        first = self._first_param_index(group_index)
         for param_index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -459,7 +459,7 @@ class RMSprop(Optimizer):
                 continue
             reason = encoded_unsupported_reason(p, state, fmt)
             if reason is None:
-                chosen.append((self._first_param_index(group_index) + param_index, p, fmt))
+                chosen.append((first + param_index, p, fmt))
             elif group["fused"]:
                 raise RuntimeError(
                     f"fused=True cannot take this step: {_describe(group, group_index, param_index)}: {reason}; "

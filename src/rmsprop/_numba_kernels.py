@@ -42,7 +42,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from rmsprop.state_precision import BLOCK_SIZE, KEY_SHIFT, STORED
+from rmsprop.state_precision import BLOCK_SIZE, KEY_SHIFT, SPLITMIX_GAMMA, SPLITMIX_MIX_1, SPLITMIX_MIX_2, STORED
 
 # numba's own thread pool, unless the user chose one. Its OpenMP layer runs a
 # second OpenMP pool beside torch's, and the two spin against each other: on
@@ -303,9 +303,7 @@ def rmsprop_step(
 # --- low-precision state (rmsprop.state_precision) ---------------------------
 
 # SplitMix64's constants, as rmsprop.state_precision.rounding_bits uses them.
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
+_GAMMA, _MIX_1, _MIX_2 = map(np.uint64, (SPLITMIX_GAMMA, SPLITMIX_MIX_1, SPLITMIX_MIX_2))
 # Indices of the buffer names in STORED, which seed the noise.
 GRAD_AVG_KEY, MOMENTUM_KEY, SQUARE_AVG_KEY, GRAD_VARIANCE_KEY = map(
     STORED.index, ("grad_avg", "momentum_buffer", "square_avg", "grad_variance")

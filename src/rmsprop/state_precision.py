@@ -88,6 +88,9 @@ from rmsprop.functional import Hyperparameters, rmsprop
 __all__ = [
     "BLOCK_SIZE",
     "KEY_SHIFT",
+    "SPLITMIX_GAMMA",
+    "SPLITMIX_MIX_1",
+    "SPLITMIX_MIX_2",
     "SIGNED_MAP",
     "UNSIGNED_MAP",
     "bf16_noise",
@@ -190,18 +193,18 @@ def _lower_index(qmap: Tensor, x: Tensor) -> Tensor:
 
 
 # SplitMix64 (Steele, Lea and Flood, 2014; reference C code: Vigna's splitmix64.c):
-# the state advances by _GAMMA and each output is the state mixed by _MIX_1 and _MIX_2.
-_GAMMA = 0x9E3779B97F4A7C15
-_MIX_1 = 0xBF58476D1CE4E5B9
-_MIX_2 = 0x94D049BB133111EB
+# the state advances by SPLITMIX_GAMMA and each output is the state mixed by the two multipliers.
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX_MIX_1 = 0xBF58476D1CE4E5B9
+SPLITMIX_MIX_2 = 0x94D049BB133111EB
 _UINT64 = (1 << 64) - 1
 
 
 def _splitmix64(value: int) -> int:
     """The first output of SplitMix64 from state ``value``."""
-    value = (value + _GAMMA) & _UINT64
-    value = ((value ^ (value >> 30)) * _MIX_1) & _UINT64
-    value = ((value ^ (value >> 27)) * _MIX_2) & _UINT64
+    value = (value + SPLITMIX_GAMMA) & _UINT64
+    value = ((value ^ (value >> 30)) * SPLITMIX_MIX_1) & _UINT64
+    value = ((value ^ (value >> 27)) * SPLITMIX_MIX_2) & _UINT64
     return value ^ (value >> 31)
 
 
@@ -231,9 +234,9 @@ def rounding_bits(seed: int, shape: torch.Size | tuple[int, ...], device: torch.
     same element, block by block. int64 arithmetic wraps as uint64 does.
     """
     numel = math.prod(shape)
-    x = torch.arange(1, numel + 1, dtype=torch.int64, device=device) * _int64(_GAMMA) + _int64(seed)
-    x = (x ^ _shift_right(x, 30)) * _int64(_MIX_1)
-    x = (x ^ _shift_right(x, 27)) * _int64(_MIX_2)
+    x = torch.arange(1, numel + 1, dtype=torch.int64, device=device) * _int64(SPLITMIX_GAMMA) + _int64(seed)
+    x = (x ^ _shift_right(x, 30)) * _int64(SPLITMIX_MIX_1)
+    x = (x ^ _shift_right(x, 27)) * _int64(SPLITMIX_MIX_2)
     return (x ^ _shift_right(x, 31)).reshape(shape)
 
 

@@ -371,6 +371,27 @@ def test_without_the_cpp_kernel_the_numba_kernel_equals_for_loop(numba_instead_o
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
+def _step_with_infinite_mean_square(fused: bool) -> torch.Tensor:
+    """A centered step whose second moment is v - m^2 = 1 - inf = -inf: clamp_min makes it 0."""
+    param = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = RMSprop([param], lr=0.1, centered=True, fused=fused)
+    param.grad = torch.zeros(2)
+    optimizer.step()
+    optimizer.state[param]["square_avg"].fill_(1.0)
+    optimizer.state[param]["grad_avg"].fill_(1e30)
+    optimizer.step()
+    return param.detach().clone()
+
+
+@pytest.mark.parametrize("kernel", ["cpp", "numba"])
+def test_a_negative_infinite_second_moment_is_clamped_to_zero_as_the_for_loop_does(request, kernel):
+    if kernel == "numba":
+        request.getfixturevalue("numba_instead_of_cpp")
+    expected = _step_with_infinite_mean_square(fused=False)
+    assert torch.equal(expected, torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(_step_with_infinite_mean_square(fused=True), expected, rtol=0, atol=0)
+
+
 def test_a_failed_build_warns_once_and_falls_back_to_numba(monkeypatch):
     monkeypatch.setattr(rmsprop._cpp_kernels, "build_problem", lambda: "the C++ kernel failed to build: test")
     rmsprop.fused._warn_numba_fallback.cache_clear()

@@ -207,8 +207,8 @@ def _rule(p, g, v, m, b, correction, constants, grad_avgs, momentum_buffers, fla
         m = m + rate * (g - m)
         mean = m / correction
         second_moment = second_moment - mean * mean
-        # NaN stays NaN, as with torch's clamp_min.
-        second_moment = second_moment - second_moment if second_moment < 0 else second_moment
+        # clamp_min(0), as the C++ kernel: NaN stays NaN. ``sign - sign`` is a zero of the compute type.
+        second_moment = sign - sign if second_moment < 0 else second_moment
     u = g / (np.sqrt(second_moment + eps_inside) + eps_outside)
     if momentum_buffers is not None:
         if lr_in_momentum:

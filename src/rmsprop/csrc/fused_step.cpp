@@ -117,8 +117,9 @@ inline void apply_rule(C& p, C g, C& v, C& m, C& b, C correction, const Constant
     m = m + k.rate * (g - m);
     C mean = m / correction;
     second_moment = second_moment - mean * mean;
-    // NaN stays NaN, as with torch's clamp_min.
-    second_moment = second_moment < 0 ? second_moment - second_moment : second_moment;
+    // clamp_min(0): NaN stays NaN. A select of a constant, not arithmetic under a
+    // condition, which GCC will not vectorise without AVX-512's masks.
+    second_moment = second_moment < 0 ? C(0) : second_moment;
   }
   C u = g / (std::sqrt(second_moment + k.eps_inside) + k.eps_outside);
   C update;

@@ -22,8 +22,11 @@ from rmsprop.functional import Hyperparameters
 
 pytestmark = pytest.mark.skipif(compiler_missing() is not None, reason="no C++ compiler")
 
-# Over two chunks of the kernel (1 << 16 elements), plus a small and an empty tensor.
-SHAPES = [(70_000,), (3, 5), (0,)]
+# Over two chunks of the kernel (1 << 16 elements), ending in a part of a vector
+# (16-bit tensors are converted 8 at a time), plus a small and an empty tensor.
+SHAPES = [(70_003,), (3, 5), (0,)]
+# At the start of the large tensor's params, gradients and square averages.
+SPECIAL_VALUES = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-40, 3e38, 65504.0, 1 + 2**-8, 1 + 2**-11]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128]
 SETTINGS = [
     dict(zip(("centered", "momentum", "nesterov", "lr_in_momentum", "weight_decay", "decoupled_weight_decay"), values))
@@ -60,10 +63,14 @@ def _tensors(dtype: torch.dtype, seed: int = 0) -> list[list[torch.Tensor]]:
         values = torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
         return values.to(dtype)
 
+    def with_specials(tensors):
+        tensors[0][: len(SPECIAL_VALUES)] = torch.tensor(SPECIAL_VALUES, dtype=torch.float64).to(dtype)
+        return tensors
+
     return [
-        [draw(shape) for shape in SHAPES],
-        [draw(shape) for shape in SHAPES],
-        [draw(shape, 0.0, 1.0).real.to(dtype) for shape in SHAPES],
+        with_specials([draw(shape) for shape in SHAPES]),
+        with_specials([draw(shape) for shape in SHAPES]),
+        with_specials([draw(shape, 0.0, 1.0).real.to(dtype) for shape in SHAPES]),
         [draw(shape, -0.1, 0.1) for shape in SHAPES],
         [draw(shape) for shape in SHAPES],
         [torch.tensor(3.0) for _ in SHAPES],
@@ -91,8 +98,14 @@ def test_cpp_kernel_equals_the_numba_kernel_bit_for_bit(dtype, bias_correction, 
             kernel.run(plan, rmsprop.fused.cpu_hyperparameters(kernel, hp))
             rmsprop.fused._run_numba(tuple(numba), hp)
         for expected, actual in zip(itertools.chain(*numba), itertools.chain(*ours), strict=True):
-            # float16 params overflow where the centered variance clamps to 0: inf, then NaN, in both.
-            torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=str(settings))
+            # Bits, NaNs' signs and payloads included (float16 params overflow where the
+            # centered variance clamps to 0: inf, then NaN, in both).
+            assert torch.equal(_bits(actual), _bits(expected)), settings
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    real = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    return real.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[real.element_size()])
 
 
 def _stepped_twice(**settings) -> tuple[list[torch.nn.Parameter], RMSprop]:

@@ -45,6 +45,7 @@ def test_bench_cases_count_the_bytes_a_one_pass_step_moves():
     both = Case("both", [(10,)], {"momentum": 0.9, "centered": True})
     assert plain.numel == 20 and plain.bytes_per_step == 20 * 20
     assert both.bytes_per_step == (20 + 8 + 8) * 10
+    assert Case("bf16", [(10,)], {"momentum": 0.9}, torch.bfloat16).bytes_per_step == (10 + 4) * 10
 
 
 def test_transformer_case_matches_the_issue():

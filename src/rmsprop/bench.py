@@ -1,6 +1,6 @@
 """``rmsprop bench``: the optimizer step of every implementation, timed in one process.
 
-Each case is a list of fp32 parameters with gradients. Every implementation
+Each case is a list of parameters with gradients (fp32, one case bf16). Every implementation
 gets its own optimizer over the same parameters; after one first call
 (reported apart: compiling or loading kernels happens there) and a warm-up,
 the implementations take steps in turn, round after round, so that a change
@@ -52,6 +52,7 @@ class Case:
     name: str
     shapes: list[tuple[int, ...]]
     settings: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
 
     @property
     def numel(self) -> int:
@@ -59,9 +60,9 @@ class Case:
 
     @property
     def bytes_per_step(self) -> int:
-        """fp32 bytes a one-pass step moves: p, g, v read, p, v written; +8 for each of b and m."""
-        per_element = 20 + 8 * (self.settings.get("momentum", 0) > 0) + 8 * self.settings.get("centered", False)
-        return per_element * self.numel
+        """Bytes a one-pass step moves: p, g, v read, p, v written; b and m read and written where used."""
+        accesses = 5 + 2 * (self.settings.get("momentum", 0) > 0) + 2 * self.settings.get("centered", False)
+        return accesses * self.dtype.itemsize * self.numel
 
 
 def transformer_shapes(layers: int, width: int, vocab: int) -> list[tuple[int, ...]]:
@@ -86,6 +87,7 @@ def cases(quick: bool = False) -> list[Case]:
         Case("one tensor, 32M, momentum + centered" if not quick else "one tensor, momentum + centered", [(big,)], both),
         Case("transformer list, momentum", transformer, {"momentum": 0.9}),
         Case("transformer list, centered", transformer, {"centered": True}),
+        Case("transformer list, bf16 params", transformer, dtype=torch.bfloat16),
     ]
 
 
@@ -124,10 +126,20 @@ def _bound_step(params: list[torch.Tensor], case: Case, state_of: RMSprop) -> Ca
     if kernel is None:
         raise RuntimeError("the memory bound is measured with the C++ kernel's loop, which is not available here")
 
-    def buffers(key: str) -> list[torch.Tensor]:
-        return [state_of.state[p][key] for p in params] if key in state_of.state[params[0]] else []
+    def as_float32(tensor: torch.Tensor) -> torch.Tensor:
+        # The loop moves float32: a 16-bit tensor's bytes are moved as half as many floats.
+        return tensor.detach().reshape(-1).view(torch.float32)
 
-    tensors = (params, [p.grad for p in params], buffers("square_avg"), buffers("grad_avg"), buffers("momentum_buffer"))
+    def buffers(key: str) -> list[torch.Tensor]:
+        return [as_float32(state_of.state[p][key]) for p in params] if key in state_of.state[params[0]] else []
+
+    tensors = (
+        [as_float32(p) for p in params],
+        [as_float32(p.grad) for p in params],
+        buffers("square_avg"),
+        buffers("grad_avg"),
+        buffers("momentum_buffer"),
+    )
     return lambda: kernel.stream_step_traffic(*tensors)
 
 
@@ -161,9 +173,12 @@ def _timed(step: Callable[[], Any], device: str) -> float:
 def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool, device: str = "cpu") -> dict[str, Any]:
     """Median ms per step and first-call ms of each implementation on ``case``."""
     generator = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device)) for shape in case.shapes]
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device=device, dtype=case.dtype)
+
+    params = [torch.nn.Parameter(draw(shape)) for shape in case.shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=generator).to(device)
+        p.grad = draw(p.shape)
     steps, fused = _implementations(params, case, compile_torch)
     first = {name: _timed(step, device) for name, step in steps.items()}
     # After the first fused step, which creates the square averages the bound reads.

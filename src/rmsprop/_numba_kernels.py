@@ -138,13 +138,14 @@ def _bfloat16_bits(value, like):
 
 
 @njit(cache=True)
-def _advance_steps(steps, step_like, alpha, bias_correction, corrections):
-    """Increment each tensor's step; ``corrections[i] = 1 - alpha^t`` (1 without bias correction)."""
+def _advance_steps(steps, step_like, alpha, bias_correction, inverse_corrections):
+    """Increment each tensor's step; ``inverse_corrections[i] = 1 / (1 - alpha^t)`` (1 without bias
+    correction): the rule multiplies by it, as the C++ kernel does, where a quotient per element would cost more."""
     for i in range(steps.size):
         step = carray(_pointer(steps[i], step_like), 1)
         step[0] += 1
-        # In float64, then rounded to the compute type, like the for-loop path.
-        corrections[i] = 1.0 - alpha ** np.float64(step[0]) if bias_correction else 1.0
+        # In float64, then rounded to the compute type.
+        inverse_corrections[i] = 1.0 / (1.0 - alpha ** np.float64(step[0])) if bias_correction else 1.0
 
 
 @njit(cache=True)
@@ -187,7 +188,7 @@ def _constants(scalars):
 
 
 @njit(inline="always")
-def _rule(p, g, v, m, b, correction, constants, grad_avgs, momentum_buffers, flags):
+def _rule(p, g, v, m, b, inverse_correction, constants, grad_avgs, momentum_buffers, flags):
     """One element of the rule of :mod:`rmsprop.functional`: the new ``(p, v, m, b)``.
 
     ``m`` (``b``) is used and updated only if the kernel's ``grad_avgs``
@@ -202,10 +203,10 @@ def _rule(p, g, v, m, b, correction, constants, grad_avgs, momentum_buffers, fla
     if coupled_weight_decay:
         g = g + weight_decay * p
     v = alpha * v + rate * (g * g)
-    second_moment = v / correction
+    second_moment = v * inverse_correction
     if grad_avgs is not None:
         m = m + rate * (g - m)
-        mean = m / correction
+        mean = m * inverse_correction
         second_moment = second_moment - mean * mean
         # clamp_min(0), as the C++ kernel: NaN stays NaN. ``sign - sign`` is a zero of the compute type.
         second_moment = sign - sign if second_moment < 0 else second_moment
@@ -256,8 +257,8 @@ def rmsprop_step(
     flags = (coupled_weight_decay, nesterov, lr_in_momentum)
     zero = np.zeros_like(scalars[:1])[0]
 
-    corrections = np.empty(sizes.size, scalars.dtype)
-    _advance_steps(steps, step_like, alpha_exact, bias_correction, corrections)
+    inverse_corrections = np.empty(sizes.size, scalars.dtype)
+    _advance_steps(steps, step_like, alpha_exact, bias_correction, inverse_corrections)
     owners, starts, ends = _chunks(sizes)
 
     for chunk in prange(owners.size):
@@ -265,7 +266,7 @@ def rmsprop_step(
         size = sizes[tensor]
         start = starts[chunk]
         end = ends[chunk]
-        correction = corrections[tensor]
+        inverse_correction = inverse_corrections[tensor]
         # Slicing each chunk before the loop lets LLVM vectorise it.
         p_chunk = carray(_pointer(params[tensor], like), size)[start:end]
         g_chunk = carray(_pointer(grads[tensor], like), size)[start:end]
@@ -286,7 +287,7 @@ def rmsprop_step(
                 _widen(v_chunk[i]),
                 m,
                 b,
-                correction,
+                inverse_correction,
                 constants,
                 grad_avgs,
                 momentum_buffers,
@@ -362,10 +363,12 @@ def _stochastic_bfloat16_bits(value, like, seed, index):
 
 
 @njit(cache=True)
-def _advance_encoded_steps(steps, step_like, param_indices, alpha, bias_correction, keys, corrections, weights, seeds):
+def _advance_encoded_steps(
+    steps, step_like, param_indices, alpha, bias_correction, keys, inverse_corrections, weights, seeds
+):
     """:func:`_advance_steps`, plus per tensor the weights of m^2 in ``grad_variance`` before and after
     the step (rmsprop.state_precision.mean_weight) and the seed of each buffer's noise (``keys``)."""
-    _advance_steps(steps, step_like, alpha, bias_correction, corrections)
+    _advance_steps(steps, step_like, alpha, bias_correction, inverse_corrections)
     for i in range(steps.size):
         step = np.int64(carray(_pointer(steps[i], step_like), 1)[0])
         weights[i, 0] = 1.0 / (1.0 - alpha ** np.float64(step - 1)) if bias_correction and step > 1 else 1.0
@@ -408,11 +411,11 @@ def rmsprop_step_bf16(
     stores_variance = grad_avgs is not None and _is_bfloat16(state_like)
     keys = np.array([GRAD_VARIANCE_KEY if stores_variance else SQUARE_AVG_KEY, GRAD_AVG_KEY, MOMENTUM_KEY])
 
-    corrections = np.empty(sizes.size, scalars.dtype)
+    inverse_corrections = np.empty(sizes.size, scalars.dtype)
     weights = np.empty((sizes.size, 2), scalars.dtype)
     seeds = np.empty((sizes.size, 3), np.uint64)
     _advance_encoded_steps(
-        steps, step_like, param_indices, alpha_exact, bias_correction, keys, corrections, weights, seeds
+        steps, step_like, param_indices, alpha_exact, bias_correction, keys, inverse_corrections, weights, seeds
     )
     owners, starts, ends = _chunks(sizes)
 
@@ -421,7 +424,7 @@ def rmsprop_step_bf16(
         size = sizes[tensor]
         start = starts[chunk]
         end = ends[chunk]
-        correction = corrections[tensor]
+        inverse_correction = inverse_corrections[tensor]
         weight_before = weights[tensor, 0]
         weight_after = weights[tensor, 1]
         p_chunk = carray(_pointer(params[tensor], like), size)[start:end]
@@ -446,7 +449,7 @@ def rmsprop_step_bf16(
                 v,
                 m,
                 b,
-                correction,
+                inverse_correction,
                 constants,
                 grad_avgs,
                 momentum_buffers,
@@ -536,11 +539,11 @@ def rmsprop_step_8bit(
     absmax_like = np.empty(0, np.float32)
     keys = np.array([GRAD_VARIANCE_KEY if grad_avgs is not None else SQUARE_AVG_KEY, GRAD_AVG_KEY, MOMENTUM_KEY])
 
-    corrections = np.empty(sizes.size, scalars.dtype)
+    inverse_corrections = np.empty(sizes.size, scalars.dtype)
     weights = np.empty((sizes.size, 2), scalars.dtype)
     seeds = np.empty((sizes.size, 3), np.uint64)
     _advance_encoded_steps(
-        steps, step_like, param_indices, alpha_exact, bias_correction, keys, corrections, weights, seeds
+        steps, step_like, param_indices, alpha_exact, bias_correction, keys, inverse_corrections, weights, seeds
     )
     owners, starts, ends = _chunks(sizes)
 
@@ -548,7 +551,7 @@ def rmsprop_step_8bit(
         tensor = owners[chunk]
         size = sizes[tensor]
         blocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        correction = corrections[tensor]
+        inverse_correction = inverse_corrections[tensor]
         weight_before = weights[tensor, 0]
         weight_after = weights[tensor, 1]
         p_all = carray(_pointer(params[tensor], like), size)
@@ -592,7 +595,7 @@ def rmsprop_step_8bit(
                     v,
                     m,
                     b,
-                    correction,
+                    inverse_correction,
                     constants,
                     grad_avgs,
                     momentum_buffers,

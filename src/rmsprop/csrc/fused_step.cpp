@@ -112,15 +112,15 @@ struct Variant {
 
 // One element of the rule of rmsprop.functional (see rmsprop._numba_kernels._rule).
 template <typename C, Variant V>
-inline void apply_rule(C& p, C g, C& v, C& m, C& b, C correction, const Constants<C>& k) {
+inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k) {
   p = p * k.decay_factor;
   g = g * k.sign;
   if (k.coupled_weight_decay) g = g + k.weight_decay * p;
   v = k.alpha * v + k.rate * (g * g);
-  C second_moment = v / correction;
+  C second_moment = v * inverse_correction;
   if constexpr (V.centered) {
     m = m + k.rate * (g - m);
-    C mean = m / correction;
+    C mean = m * inverse_correction;
     second_moment = second_moment - mean * mean;
     // clamp_min(0): NaN stays NaN. A select of a constant, not arithmetic under a
     // condition, which GCC will not vectorise without AVX-512's masks.
@@ -143,13 +143,13 @@ inline void apply_rule(C& p, C g, C& v, C& m, C& b, C correction, const Constant
 // The rule over n elements held in the compute type (m, b unused unless the variant has them).
 template <typename C, Variant V>
 inline void apply_rule_to(C* __restrict p, const C* __restrict g, C* __restrict v, C* __restrict m,
-                          C* __restrict b, int64_t n, C correction, const Constants<C>& k) {
+                          C* __restrict b, int64_t n, C inverse_correction, const Constants<C>& k) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     C pi = p[i], vi = v[i], mi = 0, bi = 0;
     if constexpr (V.centered) mi = m[i];
     if constexpr (V.momentum) bi = b[i];
-    apply_rule<C, V>(pi, g[i], vi, mi, bi, correction, k);
+    apply_rule<C, V>(pi, g[i], vi, mi, bi, inverse_correction, k);
     p[i] = pi;
     v[i] = vi;
     if constexpr (V.centered) m[i] = mi;
@@ -197,7 +197,7 @@ inline void narrow(const float* from, c10::Half* to, int64_t n) {
 constexpr int64_t kConvertBlock = 256;
 
 template <typename S, Variant V>
-void step_chunk(const Entry& entry, int64_t start, int64_t end, double correction,
+void step_chunk(const Entry& entry, int64_t start, int64_t end, double inverse_correction,
                 Constants<typename ComputeType<S>::type> k) {
   using C = typename ComputeType<S>::type;
   S* p = static_cast<S*>(entry.param) + start;
@@ -207,7 +207,7 @@ void step_chunk(const Entry& entry, int64_t start, int64_t end, double correctio
   S* b = V.momentum ? static_cast<S*>(entry.momentum_buffer) + start : nullptr;
   const int64_t n = end - start;
   if constexpr (std::is_same_v<S, C>) {
-    apply_rule_to<C, V>(p, g, v, m, b, n, C(correction), k);
+    apply_rule_to<C, V>(p, g, v, m, b, n, C(inverse_correction), k);
   } else {
     alignas(64) C ps[kConvertBlock], gs[kConvertBlock], vs[kConvertBlock], ms[kConvertBlock], bs[kConvertBlock];
     for (int64_t first = 0; first < n; first += kConvertBlock) {
@@ -217,7 +217,7 @@ void step_chunk(const Entry& entry, int64_t start, int64_t end, double correctio
       widen(v + first, vs, count);
       if constexpr (V.centered) widen(m + first, ms, count);
       if constexpr (V.momentum) widen(b + first, bs, count);
-      apply_rule_to<C, V>(ps, gs, vs, ms, bs, count, C(correction), k);
+      apply_rule_to<C, V>(ps, gs, vs, ms, bs, count, C(inverse_correction), k);
       narrow(ps, p + first, count);
       narrow(vs, v + first, count);
       if constexpr (V.centered) narrow(ms, m + first, count);
@@ -228,20 +228,20 @@ void step_chunk(const Entry& entry, int64_t start, int64_t end, double correctio
 
 template <typename S, bool Centered>
 void step_chunk_with_momentum_of(const Plan& plan, const Entry& entry, int64_t start, int64_t end,
-                                 double correction, const Constants<typename ComputeType<S>::type>& k) {
+                                 double inverse_correction, const Constants<typename ComputeType<S>::type>& k) {
   const bool nesterov = k.nesterov, lr_in_momentum = k.lr_in_momentum;
-  if (!plan.momentum) step_chunk<S, Variant{Centered, false, false, false}>(entry, start, end, correction, k);
-  else if (nesterov && lr_in_momentum) step_chunk<S, Variant{Centered, true, true, true}>(entry, start, end, correction, k);
-  else if (nesterov) step_chunk<S, Variant{Centered, true, true, false}>(entry, start, end, correction, k);
-  else if (lr_in_momentum) step_chunk<S, Variant{Centered, true, false, true}>(entry, start, end, correction, k);
-  else step_chunk<S, Variant{Centered, true, false, false}>(entry, start, end, correction, k);
+  if (!plan.momentum) step_chunk<S, Variant{Centered, false, false, false}>(entry, start, end, inverse_correction, k);
+  else if (nesterov && lr_in_momentum) step_chunk<S, Variant{Centered, true, true, true}>(entry, start, end, inverse_correction, k);
+  else if (nesterov) step_chunk<S, Variant{Centered, true, true, false}>(entry, start, end, inverse_correction, k);
+  else if (lr_in_momentum) step_chunk<S, Variant{Centered, true, false, true}>(entry, start, end, inverse_correction, k);
+  else step_chunk<S, Variant{Centered, true, false, false}>(entry, start, end, inverse_correction, k);
 }
 
 template <typename S>
-void step_chunk_of(const Plan& plan, const Entry& entry, int64_t start, int64_t end, double correction,
+void step_chunk_of(const Plan& plan, const Entry& entry, int64_t start, int64_t end, double inverse_correction,
                    const Constants<typename ComputeType<S>::type>& k) {
-  if (plan.centered) step_chunk_with_momentum_of<S, true>(plan, entry, start, end, correction, k);
-  else step_chunk_with_momentum_of<S, false>(plan, entry, start, end, correction, k);
+  if (plan.centered) step_chunk_with_momentum_of<S, true>(plan, entry, start, end, inverse_correction, k);
+  else step_chunk_with_momentum_of<S, false>(plan, entry, start, end, inverse_correction, k);
 }
 
 // Chunks as (entry, first element) pairs.
@@ -254,7 +254,7 @@ std::vector<std::pair<int64_t, int64_t>> chunks_of(const std::vector<Entry>& ent
 
 void run(Plan& plan, const Hyperparameters& hp) {
   const int64_t count = static_cast<int64_t>(plan.entries.size());
-  std::vector<double> corrections(count);
+  std::vector<double> inverse_corrections(count);
   // On the threads too: with many small tensors, a cache miss per step tensor adds up.
   at::parallel_for(0, count, kCheckGrain, [&](int64_t first, int64_t last) {
     for (int64_t e = first; e < last; ++e) {
@@ -262,8 +262,10 @@ void run(Plan& plan, const Hyperparameters& hp) {
       double step;
       if (entry.step_is_double) step = *static_cast<double*>(entry.step) += 1;
       else step = *static_cast<float*>(entry.step) += 1;
-      // In float64, then rounded to the compute type, like the for-loop path.
-      corrections[e] = hp.bias_correction ? 1.0 - std::pow(hp.alpha, step) : 1.0;
+      // 1 / (1 - alpha^t) in float64, then rounded to the compute type: a product per
+      // element instead of a quotient (on AVX2 the divisions bound the step), which is
+      // exact without bias correction and within a rounding of the for-loop path's quotient with it.
+      inverse_corrections[e] = hp.bias_correction ? 1.0 / (1.0 - std::pow(hp.alpha, step)) : 1.0;
     }
   });
   const auto chunks = chunks_of(plan.entries);
@@ -275,10 +277,10 @@ void run(Plan& plan, const Hyperparameters& hp) {
       const Entry& entry = plan.entries[e];
       const int64_t end = std::min(start + kChunk, entry.size);
       switch (entry.storage) {
-        case Storage::Float32: step_chunk_of<float>(plan, entry, start, end, corrections[e], single); break;
-        case Storage::Float64: step_chunk_of<double>(plan, entry, start, end, corrections[e], dbl); break;
-        case Storage::BFloat16: step_chunk_of<c10::BFloat16>(plan, entry, start, end, corrections[e], single); break;
-        case Storage::Float16: step_chunk_of<c10::Half>(plan, entry, start, end, corrections[e], single); break;
+        case Storage::Float32: step_chunk_of<float>(plan, entry, start, end, inverse_corrections[e], single); break;
+        case Storage::Float64: step_chunk_of<double>(plan, entry, start, end, inverse_corrections[e], dbl); break;
+        case Storage::BFloat16: step_chunk_of<c10::BFloat16>(plan, entry, start, end, inverse_corrections[e], single); break;
+        case Storage::Float16: step_chunk_of<c10::Half>(plan, entry, start, end, inverse_corrections[e], single); break;
       }
     }
   });

@@ -1,6 +1,6 @@
 """The C++ kernel of the fused CPU path (``csrc/fused_step.cpp``), built on first use.
 
-:func:`module` compiles it with ``torch.utils.cpp_extension`` (about 35 s on
+:func:`module` compiles it with ``torch.utils.cpp_extension`` (35-60 s on
 2 cores, once) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``); later processes
 load the built library in milliseconds. The cache entry's name carries a
@@ -55,7 +55,7 @@ def module() -> ModuleType:
     remove_stale_lock(directory)
     if not (directory / f"{name}.so").exists():
         warnings.warn(
-            "rmsprop: building the fused CPU kernel for this machine (about 35 s on 2 cores, once; "
+            "rmsprop: building the fused CPU kernel for this machine (under a minute on 2 cores, once; "
             "`rmsprop build-kernel` does it ahead of time)",
             stacklevel=2,
         )

@@ -263,7 +263,7 @@ void run(Plan& plan, const Hyperparameters& hp) {
       if (entry.step_is_double) step = *static_cast<double*>(entry.step) += 1;
       else step = *static_cast<float*>(entry.step) += 1;
       // 1 / (1 - alpha^t) in float64, then rounded to the compute type: a product per
-      // element instead of a quotient (on AVX2 the divisions bound the step), which is
+      // element instead of a quotient (a division is the loop's costliest operation),
       // exact without bias correction and within a rounding of the for-loop path's quotient with it.
       inverse_corrections[e] = hp.bias_correction ? 1.0 / (1.0 - std::pow(hp.alpha, step)) : 1.0;
     }

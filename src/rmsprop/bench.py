@@ -173,6 +173,7 @@ def _timed(step: Callable[[], Any], device: str) -> float:
 def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool, device: str = "cpu") -> dict[str, Any]:
     """Median ms per step and first-call ms of each implementation on ``case``."""
     generator = torch.Generator().manual_seed(0)
+
     def draw(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=generator).to(device=device, dtype=case.dtype)
 

@@ -459,7 +459,8 @@ def rmsprop_step_bf16(
             index = start + i
             if stores_variance:
                 v = v - weight_after * (m * m)
-                v = v - v if v < 0 else v
+                # clamp_min(0) as in _rule and the per-tensor path: NaN stays NaN.
+                v = zero if v < 0 else v
             v_chunk[i] = _store(v, state_like, seeds[tensor, 0], index)
             if grad_avgs is not None:
                 m_chunk[i] = _store(m, state_like, seeds[tensor, 1], index)
@@ -607,8 +608,8 @@ def rmsprop_step_8bit(
                     new_m[i] = m
                 if momentum_buffers is not None:
                     new_b[i] = b
-                # sqrt(max(v, 0)), NaN staying NaN, as torch's clamp_min and sqrt.
-                new_v[i] = np.sqrt(v - v if v < 0 else v)
+                # sqrt(clamp_min(v, 0)), NaN staying NaN, as the per-tensor path.
+                new_v[i] = np.sqrt(zero if v < 0 else v)
             _encode_block(new_v, count, v_block, v_absmax, block, unsigned_map, unsigned_table, seeds[tensor, 0], first)
             if grad_avgs is not None:
                 _encode_block(new_m, count, m_block, m_absmax, block, signed_map, signed_table, seeds[tensor, 1], first)

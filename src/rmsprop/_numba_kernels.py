@@ -427,6 +427,8 @@ def rmsprop_step_bf16(
         inverse_correction = inverse_corrections[tensor]
         weight_before = weights[tensor, 0]
         weight_after = weights[tensor, 1]
+        # Read once: loads in the loop, which the loop's stores might alias, kept it scalar (AVX2).
+        v_seed, m_seed, b_seed = seeds[tensor, 0], seeds[tensor, 1], seeds[tensor, 2]
         p_chunk = carray(_pointer(params[tensor], like), size)[start:end]
         g_chunk = carray(_pointer(grads[tensor], like), size)[start:end]
         v_chunk = carray(_pointer(square_avgs[tensor], state_like), size)[start:end]
@@ -461,11 +463,11 @@ def rmsprop_step_bf16(
                 v = v - weight_after * (m * m)
                 # clamp_min(0) as in _rule and the per-tensor path: NaN stays NaN.
                 v = zero if v < 0 else v
-            v_chunk[i] = _store(v, state_like, seeds[tensor, 0], index)
+            v_chunk[i] = _store(v, state_like, v_seed, index)
             if grad_avgs is not None:
-                m_chunk[i] = _store(m, state_like, seeds[tensor, 1], index)
+                m_chunk[i] = _store(m, state_like, m_seed, index)
             if momentum_buffers is not None:
-                b_chunk[i] = _store(b, state_like, seeds[tensor, 2], index)
+                b_chunk[i] = _store(b, state_like, b_seed, index)
 
 
 @njit(inline="always")
@@ -478,8 +480,9 @@ def _lower_index(qmap, table, x):
 
 
 @njit(inline="always")
-def _encode_block(values, count, codes, absmaxes, block, qmap, table, seed, first_index):
-    """rmsprop.state_precision.quantize_blockwise of one block, with the noise of its elements."""
+def _encode_block(values, count, codes, absmaxes, block, qmap, table, seed, first_index, uniforms):
+    """rmsprop.state_precision.quantize_blockwise of one block, with the noise of its elements.
+    ``values`` are overwritten, ``uniforms`` is scratch space for the block."""
     absmax = np.float32(0)
     for i in range(count):
         magnitude = abs(values[i])
@@ -488,13 +491,16 @@ def _encode_block(values, count, codes, absmaxes, block, qmap, table, seed, firs
             absmax = magnitude
     absmaxes[block] = absmax
     divisor = absmax if absmax > 0 else np.float32(1)
+    # Scaling and noise in a loop of their own, which vectorises; the lookups below do not.
     for i in range(count):
-        scaled = values[i] / divisor
+        values[i] = values[i] / divisor
+        uniforms[i] = np.float32(_random_bits(seed, first_index + i) >> np.uint64(40)) * np.float32(2.0**-24)
+    for i in range(count):
+        scaled = values[i]
         lower = _lower_index(qmap, table, scaled)
         low = qmap[lower]
         fraction = (scaled - low) / (qmap[lower + 1] - low)
-        uniform = np.float32(_random_bits(seed, first_index + i) >> np.uint64(40)) * np.float32(2.0**-24)
-        codes[i] = lower + np.int32(uniform < fraction)  # branch-free: a coin flip
+        codes[i] = lower + np.int32(uniforms[i] < fraction)  # branch-free: a coin flip
 
 
 @njit(parallel=True, cache=True)
@@ -565,10 +571,11 @@ def rmsprop_step_8bit(
         if momentum_buffers is not None:
             b_codes = carray(_pointer(momentum_buffers[tensor], codes_like), size)
             b_absmax = carray(_pointer(momentum_absmaxes[tensor], absmax_like), blocks)
-        # The new values of one block, in fp32, until its absmax is known.
+        # One block's decoded map values, then its new values in fp32 until their absmax is known.
         new_v = np.empty(BLOCK_SIZE, np.float32)
         new_m = np.empty(BLOCK_SIZE, np.float32)
         new_b = np.empty(BLOCK_SIZE, np.float32)
+        uniforms = np.empty(BLOCK_SIZE, np.float32)
         for first in range(starts[chunk], ends[chunk], BLOCK_SIZE):
             block = first // BLOCK_SIZE
             count = min(BLOCK_SIZE, size - first)
@@ -579,17 +586,28 @@ def rmsprop_step_8bit(
                 m_block = m_codes[first : first + count]
             if momentum_buffers is not None:
                 b_block = b_codes[first : first + count]
+            # Loaded once: the loop's stores to p might alias them, which kept it scalar.
+            v_scale = v_absmax[block]
+            m_scale = m_absmax[block] if grad_avgs is not None else np.float32(0)
+            b_scale = b_absmax[block] if momentum_buffers is not None else np.float32(0)
+            # The map lookups in a loop of their own: in the rule's loop they kept it scalar.
+            for i in range(count):
+                new_v[i] = unsigned_map[v_block[i]]
+                if grad_avgs is not None:
+                    new_m[i] = signed_map[m_block[i]]
+                if momentum_buffers is not None:
+                    new_b[i] = signed_map[b_block[i]]
             for i in range(count):
                 # Decoded in fp32, then computed in the compute type, as the per-tensor
                 # path does (adding zero widens to float64, and is exact for float32).
-                root = zero + unsigned_map[v_block[i]] * v_absmax[block]
+                root = zero + new_v[i] * v_scale
                 v = root * root
                 m = b = zero
                 if grad_avgs is not None:
-                    m = zero + signed_map[m_block[i]] * m_absmax[block]
+                    m = zero + new_m[i] * m_scale
                     v = v + weight_before * (m * m)
                 if momentum_buffers is not None:
-                    b = zero + signed_map[b_block[i]] * b_absmax[block]
+                    b = zero + new_b[i] * b_scale
                 p, v, m, b = _rule(
                     _widen(p_block[i]),
                     _widen(g_block[i]),
@@ -610,8 +628,8 @@ def rmsprop_step_8bit(
                     new_b[i] = b
                 # sqrt(clamp_min(v, 0)), NaN staying NaN, as the per-tensor path.
                 new_v[i] = np.sqrt(zero if v < 0 else v)
-            _encode_block(new_v, count, v_block, v_absmax, block, unsigned_map, unsigned_table, seeds[tensor, 0], first)
+            _encode_block(new_v, count, v_block, v_absmax, block, unsigned_map, unsigned_table, seeds[tensor, 0], first, uniforms)
             if grad_avgs is not None:
-                _encode_block(new_m, count, m_block, m_absmax, block, signed_map, signed_table, seeds[tensor, 1], first)
+                _encode_block(new_m, count, m_block, m_absmax, block, signed_map, signed_table, seeds[tensor, 1], first, uniforms)
             if momentum_buffers is not None:
-                _encode_block(new_b, count, b_block, b_absmax, block, signed_map, signed_table, seeds[tensor, 2], first)
+                _encode_block(new_b, count, b_block, b_absmax, block, signed_map, signed_table, seeds[tensor, 2], first, uniforms)

@@ -29,7 +29,7 @@ import torch
 
 import rmsprop._cpp_kernels
 import rmsprop.fused
-from rmsprop import RMSprop
+from rmsprop import RMSprop, state_precision
 from rmsprop.fused import unsupported_reason
 from fused_checks import (
     FLAG_COMBINATIONS,
@@ -581,3 +581,30 @@ def test_fused_encoded_group_takes_complex_parameters_with_their_own_dtype_state
     assert fused.state[fused_params[0]]["square_avg"].dtype == torch.complex64
     torch.testing.assert_close(fused_params[0], loop_params[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_params[1], loop_params[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", [256, 300, 511], ids=["first", "middle", "last"])
+def test_fused_8bit_state_makes_the_block_of_a_nan_non_finite_as_the_per_tensor_path(monkeypatch, position):
+    """The policy of docs/memory.md: a NaN in 8-bit state makes its whole block (elements 256-511
+    here) non-finite, the block's absmax NaN. The kernel's absmax once let any later element of the
+    block replace the NaN, which decoded to finite values: the NaN was silently dropped."""
+    calls = _spy_on_encoded_kernels(monkeypatch)
+    for fused in (None, False):
+        param = torch.nn.Parameter(torch.ones(5000))
+        optimizer = RMSprop([param], fused=fused, momentum=0.9, centered=True, state_precision="8bit")
+        param.grad = torch.ones(5000)
+        optimizer.step()  # creates the state, per tensor
+        param.grad = torch.linspace(0.1, 1.0, 5000)
+        param.grad[position] = float("nan")
+        optimizer.step()
+        state = optimizer.state[param]
+        for key, qmap in (
+            ("grad_variance", state_precision.UNSIGNED_MAP),
+            ("grad_avg", state_precision.SIGNED_MAP),
+            ("momentum_buffer", state_precision.SIGNED_MAP),
+        ):
+            absmax = state[f"{key}_absmax"]
+            assert absmax[1].isnan() and absmax[[0, 2, -1]].isfinite().all(), (fused, key)
+            decoded = state_precision.dequantize_blockwise(state[key], absmax, qmap)
+            assert decoded[256:512].isnan().all() and decoded[:256].isfinite().all(), (fused, key)
+    assert calls == [0, 1, 0, 0]

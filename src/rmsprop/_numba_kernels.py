@@ -483,12 +483,13 @@ def _lower_index(qmap, table, x):
 def _encode_block(values, count, codes, absmaxes, block, qmap, table, seed, first_index, uniforms):
     """rmsprop.state_precision.quantize_blockwise of one block, with the noise of its elements.
     ``values`` are overwritten, ``uniforms`` is scratch space for the block."""
-    absmax = np.float32(0)
+    # The largest magnitude as the largest bit pattern of |x|: a NaN's lies above inf's, so a NaN
+    # anywhere becomes the absmax, as in torch's amax; and an integer maximum vectorises.
+    largest = np.uint32(0)
     for i in range(count):
-        magnitude = abs(values[i])
-        # "not <=" so that a NaN becomes the block's absmax, as torch's amax.
-        if not magnitude <= absmax:
-            absmax = magnitude
+        magnitude = _bits_from_float32(values[i]) & np.uint32(0x7FFFFFFF)
+        largest = magnitude if magnitude > largest else largest
+    absmax = _float32_from_bits(largest)
     absmaxes[block] = absmax
     divisor = absmax if absmax > 0 else np.float32(1)
     # Scaling and noise in a loop of their own, which vectorises; the lookups below do not.

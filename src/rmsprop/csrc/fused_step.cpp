@@ -110,24 +110,38 @@ struct Variant {
   bool centered, momentum, nesterov, lr_in_momentum;
 };
 
-// One element of the rule of rmsprop.functional (see rmsprop._numba_kernels._rule).
-template <typename C, Variant V>
-inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k) {
+inline float root(float x) { return std::sqrt(x); }
+inline double root(double x) { return std::sqrt(x); }
+
+#if defined(__AVX2__) && defined(__F16C__)
+// Eight float32 lanes (GCC's vector extension, one AVX register). 16-bit tensors are
+// stepped eight elements at a time, converted in registers: through blocks on the stack
+// the step made 7 stores per 8 elements instead of 2, and was 15-20% slower (measured on AVX2).
+constexpr int64_t kLanes = 8;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Lanes root(Lanes x) { return _mm256_sqrt_ps(x); }
+#endif
+
+// One element of the rule of rmsprop.functional (see rmsprop._numba_kernels._rule), or
+// one per lane when L is a vector of C (Lanes below): the operators act lane by lane.
+template <typename L, typename C, Variant V>
+inline void apply_rule(L& p, L g, L& v, L& m, L& b, C inverse_correction, const Constants<C>& k) {
   p = p * k.decay_factor;
   g = g * k.sign;
   if (k.coupled_weight_decay) g = g + k.weight_decay * p;
   v = k.alpha * v + k.rate * (g * g);
-  C second_moment = v * inverse_correction;
+  L second_moment = v * inverse_correction;
   if constexpr (V.centered) {
     m = m + k.rate * (g - m);
-    C mean = m * inverse_correction;
+    L mean = m * inverse_correction;
     second_moment = second_moment - mean * mean;
     // clamp_min(0): NaN stays NaN. A select of a constant, not arithmetic under a
     // condition, which GCC will not vectorise without AVX-512's masks.
-    second_moment = second_moment < 0 ? C(0) : second_moment;
+    second_moment = second_moment < 0 ? L{} : second_moment;
   }
-  C u = g / (std::sqrt(second_moment + k.eps_inside) + k.eps_outside);
-  C update;
+  L u = g / (root(second_moment + k.eps_inside) + k.eps_outside);
+  L update;
   if constexpr (V.momentum && V.lr_in_momentum) {
     b = k.momentum * b + k.lr * u;
     update = V.nesterov ? k.momentum * b + k.lr * u : b;
@@ -149,7 +163,7 @@ inline void apply_rule_to(C* __restrict p, const C* __restrict g, C* __restrict 
     C pi = p[i], vi = v[i], mi = 0, bi = 0;
     if constexpr (V.centered) mi = m[i];
     if constexpr (V.momentum) bi = b[i];
-    apply_rule<C, V>(pi, g[i], vi, mi, bi, inverse_correction, k);
+    apply_rule<C, C, V>(pi, g[i], vi, mi, bi, inverse_correction, k);
     p[i] = pi;
     v[i] = vi;
     if constexpr (V.centered) m[i] = mi;
@@ -196,6 +210,32 @@ inline void narrow(const float* from, c10::Half* to, int64_t n) {
 // Elements per block of a 16-bit tensor converted to float32 on the stack (5 KB at most).
 constexpr int64_t kConvertBlock = 256;
 
+#if defined(__AVX2__) && defined(__F16C__)
+inline Lanes widen_lanes(const c10::BFloat16* from) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline Lanes widen_lanes(const c10::Half* from) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from)));
+}
+
+// As narrow() above: round to nearest even, NaN to 0x7FC0.
+inline void narrow_lanes(Lanes x, c10::BFloat16* to) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), packed);
+}
+
+inline void narrow_lanes(Lanes x, c10::Half* to) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
 template <typename S, Variant V>
 void step_chunk(const Entry& entry, int64_t start, int64_t end, double inverse_correction,
                 Constants<typename ComputeType<S>::type> k) {
@@ -209,8 +249,23 @@ void step_chunk(const Entry& entry, int64_t start, int64_t end, double inverse_c
   if constexpr (std::is_same_v<S, C>) {
     apply_rule_to<C, V>(p, g, v, m, b, n, C(inverse_correction), k);
   } else {
+    int64_t start_of_rest = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; start_of_rest + kLanes <= n; start_of_rest += kLanes) {
+      const int64_t i = start_of_rest;
+      Lanes pi = widen_lanes(p + i), vi = widen_lanes(v + i), mi{}, bi{};
+      if constexpr (V.centered) mi = widen_lanes(m + i);
+      if constexpr (V.momentum) bi = widen_lanes(b + i);
+      apply_rule<Lanes, C, V>(pi, widen_lanes(g + i), vi, mi, bi, C(inverse_correction), k);
+      narrow_lanes(pi, p + i);
+      narrow_lanes(vi, v + i);
+      if constexpr (V.centered) narrow_lanes(mi, m + i);
+      if constexpr (V.momentum) narrow_lanes(bi, b + i);
+    }
+#endif
+    // The portable path, and the last elements of a chunk that fill no vector.
     alignas(64) C ps[kConvertBlock], gs[kConvertBlock], vs[kConvertBlock], ms[kConvertBlock], bs[kConvertBlock];
-    for (int64_t first = 0; first < n; first += kConvertBlock) {
+    for (int64_t first = start_of_rest; first < n; first += kConvertBlock) {
       const int64_t count = std::min(kConvertBlock, n - first);
       widen(p + first, ps, count);
       widen(g + first, gs, count);

@@ -108,6 +108,10 @@ struct ComputeType<double> {
 // inside the loop made GCC's vectorised loop 9x slower.
 struct Variant {
   bool centered, momentum, nesterov, lr_in_momentum;
+  // The multiplications by 1 left out, for steps whose decay_factor, sign and inverse
+  // correction are 1 and whose weight decay is not coupled (x * 1 == x exactly). Used
+  // by the compute-bound 16-bit steps only: the others wait on memory either way.
+  bool plain = false;
 };
 
 inline float root(float x) { return std::sqrt(x); }
@@ -127,14 +131,18 @@ inline Lanes root(Lanes x) { return _mm256_sqrt_ps(x); }
 // one per lane when L is a vector of C (Lanes below): the operators act lane by lane.
 template <typename L, typename C, Variant V>
 inline void apply_rule(L& p, L g, L& v, L& m, L& b, C inverse_correction, const Constants<C>& k) {
-  p = p * k.decay_factor;
-  g = g * k.sign;
-  if (k.coupled_weight_decay) g = g + k.weight_decay * p;
+  if constexpr (!V.plain) {
+    p = p * k.decay_factor;
+    g = g * k.sign;
+    if (k.coupled_weight_decay) g = g + k.weight_decay * p;
+  }
   v = k.alpha * v + k.rate * (g * g);
-  L second_moment = v * inverse_correction;
+  L second_moment = v;
+  if constexpr (!V.plain) second_moment = second_moment * inverse_correction;
   if constexpr (V.centered) {
     m = m + k.rate * (g - m);
-    L mean = m * inverse_correction;
+    L mean = m;
+    if constexpr (!V.plain) mean = mean * inverse_correction;
     second_moment = second_moment - mean * mean;
     // clamp_min(0): NaN stays NaN. A select of a constant, not arithmetic under a
     // condition, which GCC will not vectorise without AVX-512's masks.
@@ -236,6 +244,26 @@ inline void narrow_lanes(Lanes x, c10::Half* to) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__F16C__)
+// The rule over the first multiple of kLanes of n 16-bit elements; returns how many it stepped.
+template <typename S, Variant V>
+int64_t step_lanes(S* p, const S* g, S* v, S* m, S* b, int64_t n, float inverse_correction,
+                   const Constants<float>& k) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Lanes pi = widen_lanes(p + i), vi = widen_lanes(v + i), mi{}, bi{};
+    if constexpr (V.centered) mi = widen_lanes(m + i);
+    if constexpr (V.momentum) bi = widen_lanes(b + i);
+    apply_rule<Lanes, float, V>(pi, widen_lanes(g + i), vi, mi, bi, inverse_correction, k);
+    narrow_lanes(pi, p + i);
+    narrow_lanes(vi, v + i);
+    if constexpr (V.centered) narrow_lanes(mi, m + i);
+    if constexpr (V.momentum) narrow_lanes(bi, b + i);
+  }
+  return i;
+}
+#endif
+
 template <typename S, Variant V>
 void step_chunk(const Entry& entry, int64_t start, int64_t end, double inverse_correction,
                 Constants<typename ComputeType<S>::type> k) {
@@ -251,17 +279,10 @@ void step_chunk(const Entry& entry, int64_t start, int64_t end, double inverse_c
   } else {
     int64_t start_of_rest = 0;
 #if defined(__AVX2__) && defined(__F16C__)
-    for (; start_of_rest + kLanes <= n; start_of_rest += kLanes) {
-      const int64_t i = start_of_rest;
-      Lanes pi = widen_lanes(p + i), vi = widen_lanes(v + i), mi{}, bi{};
-      if constexpr (V.centered) mi = widen_lanes(m + i);
-      if constexpr (V.momentum) bi = widen_lanes(b + i);
-      apply_rule<Lanes, C, V>(pi, widen_lanes(g + i), vi, mi, bi, C(inverse_correction), k);
-      narrow_lanes(pi, p + i);
-      narrow_lanes(vi, v + i);
-      if constexpr (V.centered) narrow_lanes(mi, m + i);
-      if constexpr (V.momentum) narrow_lanes(bi, b + i);
-    }
+    const bool plain = k.decay_factor == 1 && k.sign == 1 && !k.coupled_weight_decay && inverse_correction == 1;
+    constexpr Variant kPlain{V.centered, V.momentum, V.nesterov, V.lr_in_momentum, true};
+    start_of_rest = plain ? step_lanes<S, kPlain>(p, g, v, m, b, n, C(inverse_correction), k)
+                          : step_lanes<S, V>(p, g, v, m, b, n, C(inverse_correction), k);
 #endif
     // The portable path, and the last elements of a chunk that fill no vector.
     alignas(64) C ps[kConvertBlock], gs[kConvertBlock], vs[kConvertBlock], ms[kConvertBlock], bs[kConvertBlock];

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rmsprop.bench import Case, cases, transformer_shapes
+from rmsprop.bench import BOUND, FUSED, TORCH_COMPILED, Case, _summary, cases, markdown_table, transformer_shapes
 from rmsprop.cli import main
 
 IMPLEMENTATIONS = ["torch for-loop", "torch foreach", "rmsprop for-loop", "rmsprop foreach", "rmsprop fused"]
@@ -25,9 +25,13 @@ def test_quick_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     for case in report["cases"]:
         assert case["bound_ms"] > 0 and case["bandwidth_gb_per_s"] > 0
         assert [result["implementation"] for result in case["results"]] == IMPLEMENTATIONS
+        assert "fused_vs_compiled" not in case  # --quick leaves torch.compile out
         for result in case["results"]:
-            assert result["steps_timed"] == 3
+            assert result["steps_timed"] == 3 == len(result["times_ms"])
             assert result["median_ms"] > 0 and result["first_call_ms"] > 0
+            assert result["median_ms"] == sorted(result["times_ms"])[1]
+            q1, q3 = result["quartiles_ms"]
+            assert min(result["times_ms"]) <= q1 <= result["median_ms"] <= q3 <= max(result["times_ms"])
             assert result["times_bound"] == result["median_ms"] / case["bound_ms"]
         by_name = {result["implementation"]: result for result in case["results"]}
         assert by_name["torch for-loop"]["speedup_vs_torch_for_loop"] == 1.0
@@ -61,3 +65,20 @@ def test_transformer_case_matches_the_issue():
 def test_quick_bench_runs_on_cuda(capsys):
     assert main(["bench", "--quick", "--no-compile", "--device", "cuda", "--case", "small tensors"]) == 0
     assert "rmsprop fused" in capsys.readouterr().out
+
+
+def test_fused_and_compiled_are_compared_round_by_round():
+    """Rounds where the machine was slow for both cancel out in the ratio of each round."""
+    times = {name: [10.0, 10.0, 10.0, 10.0] for name in IMPLEMENTATIONS}
+    times[TORCH_COMPILED] = [10.0, 20.0, 10.0, 20.0]
+    times[FUSED] = [9.0, 18.0, 11.0, 18.0]  # ratios 0.9, 0.9, 1.1, 0.9
+    times[BOUND] = [5.0, 5.0, 5.0, 5.0]
+    summary = _summary(Case("pairs", [(4,)]), {name: 1.0 for name in times}, times)
+    assert summary["fused_vs_compiled"] == {"median_ratio": pytest.approx(0.9), "rounds_faster": 3, "rounds": 4}
+    fused = next(result for result in summary["results"] if result["implementation"] == FUSED)
+    # Inclusive quartiles of 9, 11, 18, 18: positions 1.75 and 3.25 of the sorted values.
+    assert fused["quartiles_ms"] == pytest.approx([10.5, 18.0])
+    report = {"machine": {"torch": "x", "torch_threads": 2, "device": "cpu"}, "fresh_process": {"first_step_ms": 1.0}}
+    table = markdown_table({**report, "cases": [summary]})
+    assert "- pairs: median 0.90, fused faster in 3 of 4 rounds" in table
+    assert "| 14.50 | 10.50-18.00 |" in table

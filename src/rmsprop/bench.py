@@ -43,6 +43,7 @@ __all__ = ["Case", "cases", "main", "markdown_table", "run_benchmark"]
 TORCH_LOOP = "torch for-loop"
 TORCH_FOREACH = "torch foreach"
 TORCH_COMPILED = "torch.compile(torch step)"
+FUSED = "rmsprop fused"
 BOUND = "memory bound (the step's reads and writes only)"
 LR = 1e-4  # small, so that many steps leave the parameters in a normal range
 
@@ -156,7 +157,7 @@ def _implementations(
         steps[TORCH_COMPILED] = _compiled_torch_step(params, case.settings)
     steps["rmsprop for-loop"] = _our_step(params, case.settings, foreach=False, fused=False)
     steps["rmsprop foreach"] = _our_step(params, case.settings, foreach=True, fused=False)
-    steps["rmsprop fused"] = fused.step
+    steps[FUSED] = fused.step
     return steps, fused
 
 
@@ -199,6 +200,25 @@ def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool, device:
     return _summary(case, first, times)
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """The first and third quartiles (both the value itself for a single value)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
+
+
+def _paired(times: dict[str, list[float]], ours: str, theirs: str) -> dict[str, Any]:
+    """``ours`` against ``theirs`` round by round: each round runs both once, close in time, so the
+    ratio of the two is steadier than the ratio of medians when the machine's bandwidth swings."""
+    ratios = [a / b for a, b in zip(times[ours], times[theirs], strict=True)]
+    return {
+        "median_ratio": statistics.median(ratios),
+        "rounds_faster": sum(ratio < 1 for ratio in ratios),
+        "rounds": len(ratios),
+    }
+
+
 def _summary(case: Case, first: dict[str, float], times: dict[str, list[float]]) -> dict[str, Any]:
     median = {name: statistics.median(values) for name, values in times.items()}
     bound_ms = median[BOUND]
@@ -210,14 +230,16 @@ def _summary(case: Case, first: dict[str, float], times: dict[str, list[float]])
             {
                 "implementation": name,
                 "median_ms": ms,
+                "quartiles_ms": _quartiles(times[name]),
                 "speedup_vs_torch_for_loop": median[TORCH_LOOP] / ms,
                 "speedup_vs_torch_foreach": median[TORCH_FOREACH] / ms,
                 "times_bound": ms / bound_ms,
                 "first_call_ms": first[name],
                 "steps_timed": len(times[name]),
+                "times_ms": times[name],
             }
         )
-    return {
+    summary = {
         "case": case.name,
         "settings": case.settings,
         "tensors": len(case.shapes),
@@ -227,6 +249,9 @@ def _summary(case: Case, first: dict[str, float], times: dict[str, list[float]])
         "bound_ms": bound_ms,
         "results": results,
     }
+    if TORCH_COMPILED in times:
+        summary["fused_vs_compiled"] = _paired(times, FUSED, TORCH_COMPILED)
+    return summary
 
 
 def fresh_process_first_step_ms(device: str = "cpu", extensions_dir: str | None = None) -> dict[str, float]:
@@ -302,9 +327,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"Fused first step in a fresh process (import + kernel load): {fresh['first_step_ms']:.0f} ms"
         + (f"; with an empty extension cache (C++ build): {build / 1e3:.1f} s." if build else "."),
         "",
-        "| case | implementation | median ms/step | × faster than torch for-loop | × faster than torch foreach "
-        "| × the memory bound | first call ms |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| case | implementation | median ms/step | q1-q3 ms | × faster than torch for-loop "
+        "| × faster than torch foreach | × the memory bound | first call ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for case in report["cases"]:
         label = (
@@ -312,12 +337,22 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"bound {case['bound_ms']:.2f} ms at {case['bandwidth_gb_per_s']:.0f} GB/s)"
         )
         for result in case["results"]:
+            q1, q3 = result["quartiles_ms"]
             lines.append(
-                f"| {label} | {result['implementation']} | {result['median_ms']:.2f} "
+                f"| {label} | {result['implementation']} | {result['median_ms']:.2f} | {q1:.2f}-{q3:.2f} "
                 f"| {result['speedup_vs_torch_for_loop']:.2f} | {result['speedup_vs_torch_foreach']:.2f} "
                 f"| {result['times_bound']:.2f} | {result['first_call_ms']:.0f} |"
             )
             label = ""
+    paired = [case for case in report["cases"] if "fused_vs_compiled" in case]
+    if paired:
+        lines += ["", "Fused against torch.compile round by round (time ratio; below 1: fused faster):", ""]
+        for case in paired:
+            pair = case["fused_vs_compiled"]
+            lines.append(
+                f"- {case['case']}: median {pair['median_ratio']:.2f}, "
+                f"fused faster in {pair['rounds_faster']} of {pair['rounds']} rounds"
+            )
     return "\n".join(lines)
 
 

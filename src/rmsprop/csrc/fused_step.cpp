@@ -128,7 +128,7 @@ inline Lanes root(Lanes x) { return _mm256_sqrt_ps(x); }
 #endif
 
 // One element of the rule of rmsprop.functional (see rmsprop._numba_kernels._rule), or
-// one per lane when L is a vector of C (Lanes below): the operators act lane by lane.
+// one per lane when L is a vector of C (Lanes above): the operators act lane by lane.
 template <typename L, typename C, Variant V>
 inline void apply_rule(L& p, L g, L& v, L& m, L& b, C inverse_correction, const Constants<C>& k) {
   if constexpr (!V.plain) {
@@ -242,9 +242,7 @@ inline void narrow_lanes(Lanes x, c10::BFloat16* to) {
 inline void narrow_lanes(Lanes x, c10::Half* to) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
-#endif
 
-#if defined(__AVX2__) && defined(__F16C__)
 // The rule over the first multiple of kLanes of n 16-bit elements; returns how many it stepped.
 template <typename S, Variant V>
 int64_t step_lanes(S* p, const S* g, S* v, S* m, S* b, int64_t n, float inverse_correction,

@@ -2,12 +2,15 @@
 
 Used by tests/test_fused.py (the CPU kernels through RMSprop) and
 tests/test_triton.py (the Triton kernel in its interpreter); the tolerances
-are explained in tests/test_fused.py.
+are explained in tests/test_fused.py. The check of the kernels' machine code
+for packed square roots is shared by tests/test_cpp_kernels.py and
+tests/test_numba_kernels.py.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import torch
@@ -150,3 +153,12 @@ def check_float64_against_reference(flags: dict, shapes: list[tuple] = SHAPES) -
             np.testing.assert_allclose(p_state["grad_avg"].numpy(), state.grad_avg, rtol=1e-12, atol=1e-14)
         if flags["momentum"]:
             np.testing.assert_allclose(p_state["momentum_buffer"].numpy(), state.momentum_buffer, rtol=1e-12, atol=1e-14)
+
+
+def square_rooting(sections: dict[str, str], prefix: str = "v?") -> tuple[list[str], list[str]]:
+    """Of x86 assembly split into named sections (functions, loop bodies): the names of those
+    that take square roots, and of those among them that take no packed (vectorised) ones.
+    ``prefix`` is the regex before ``sqrt`` ("v": AVX's VEX forms only)."""
+    rooting = [name for name, body in sections.items() if re.search(rf"\b{prefix}sqrt[sp][sd]\b", body)]
+    scalar_only = [name for name in rooting if not re.search(rf"\b{prefix}sqrtp[sd]\b", sections[name])]
+    return rooting, scalar_only

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from fused_checks import square_rooting
 
 # Each low-precision state kernel in its plainest form and with both extra buffers. Two steps:
 # the first creates the state per tensor.
@@ -44,7 +45,6 @@ def test_low_precision_state_kernels_are_vectorised(tmp_path):
     dump = subprocess.run(
         [sys.executable, "-c", STEPS], env=environment, capture_output=True, text=True, check=True
     ).stdout
-    rooting = {name: body for name, body in _parallel_loops(dump).items() if re.search(r"\bv?sqrt[sp][sd]\b", body)}
+    rooting, scalar_only = square_rooting(_parallel_loops(dump))
     assert len(rooting) >= 4, sorted(rooting)
-    scalar_only = [name for name, body in rooting.items() if not re.search(r"\bv?sqrtp[sd]\b", body)]
     assert not scalar_only, scalar_only

@@ -8,7 +8,17 @@ import math
 import pytest
 import torch
 
-from rmsprop.bench import BOUND, FUSED, TORCH_COMPILED, Case, _summary, cases, markdown_table, transformer_shapes
+from rmsprop.bench import (
+    BOUND,
+    FUSED,
+    TORCH_COMPILED,
+    Case,
+    _implementations,
+    _summary,
+    cases,
+    markdown_table,
+    transformer_shapes,
+)
 from rmsprop.cli import main
 
 IMPLEMENTATIONS = ["torch for-loop", "torch foreach", "rmsprop for-loop", "rmsprop foreach", "rmsprop fused"]
@@ -82,3 +92,20 @@ def test_fused_and_compiled_are_compared_round_by_round():
     table = markdown_table({**report, "cases": [summary]})
     assert "- pairs: median 0.90, fused faster in 3 of 4 rounds" in table
     assert "| 14.50 | 10.50-18.00 |" in table
+
+
+@pytest.mark.parametrize("settings", [{}, {"momentum": 0.9, "centered": True}])
+def test_every_implementation_steps_the_same_state_tensors(settings):
+    """Placement in memory moves a large step's time: all implementations share one state."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    steps, fused = _implementations(params, Case("shared", [(5,), (2, 3)], settings), compile_torch=False)
+    assert list(steps) == IMPLEMENTATIONS
+    for step in steps.values():
+        step()
+    first = fused.state[params[0]]
+    assert first["step"].item() == len(IMPLEMENTATIONS)  # one counter, advanced by each
+    assert set(first) == {"step", "square_avg"} | ({"momentum_buffer", "grad_avg"} if settings else set())
+    for step in steps.values():
+        assert step.__self__.state[params[0]] is first

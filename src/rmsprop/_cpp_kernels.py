@@ -25,7 +25,8 @@ from types import ModuleType
 __all__ = ["build_problem", "compiler_missing", "module", "remove_stale_lock"]
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_step.cpp"
-# -ffp-contract=off: no fused multiply-adds, each operation rounded as numba's and torch's.
+# -ffp-contract=off: fused multiply-adds only where the source asks for them (mul_add), at the
+# same places as the numba kernel's, so that the two round alike.
 # -fno-math-errno: lets sqrt vectorise. -fopenmp: at::parallel_for's OpenMP loop is compiled here.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 
@@ -55,7 +56,7 @@ def module() -> ModuleType:
     remove_stale_lock(directory)
     if not (directory / f"{name}.so").exists():
         warnings.warn(
-            "rmsprop: building the fused CPU kernel for this machine (under a minute on 2 cores, once; "
+            "rmsprop: building the fused CPU kernel for this machine (about a minute on 2 cores, once; "
             "`rmsprop build-kernel` does it ahead of time)",
             stacklevel=2,
         )
@@ -68,7 +69,7 @@ def module() -> ModuleType:
     )
 
 
-# A build takes well under a minute; a lock this old belongs to a build that was killed.
+# A build takes about a minute; a lock this old belongs to a build that was killed.
 STALE_LOCK_SECONDS = 600
 
 

@@ -35,7 +35,9 @@ integers and are converted here: bfloat16 is the upper half of a float32
 from __future__ import annotations
 
 import os
+import platform
 
+import llvmlite.binding
 import numba
 import numpy as np
 from llvmlite import ir
@@ -69,6 +71,32 @@ def _pointer(typingctx, address, like):
         return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
 
     return signature, codegen
+
+
+def _has_fused_multiply_add() -> bool:
+    """Whether this machine's CPU has fused multiply-adds: the C++ kernel, built for it
+    (``-march=native``), uses them exactly where this module's :func:`mul_add` does."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    return bool(llvmlite.binding.get_host_cpu_features().get("fma", False))
+
+
+@intrinsic
+def _fused_multiply_add(typingctx, a, b, c):
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
+
+    return a(a, a, a), codegen
+
+
+@njit(inline="always")
+def _separate_multiply_add(a, b, c):
+    return a * b + c
+
+
+# a * b + c, rounded once where the machine has fused multiply-adds (where not, LLVM would
+# call a slow library function): a float32 step on one large tensor was 4-6% faster with them.
+mul_add = _fused_multiply_add if _has_fused_multiply_add() else _separate_multiply_add
 
 
 @intrinsic
@@ -201,26 +229,25 @@ def _rule(p, g, v, m, b, inverse_correction, constants, grad_avgs, momentum_buff
     p = p * decay_factor
     g = g * sign
     if coupled_weight_decay:
-        g = g + weight_decay * p
-    v = alpha * v + rate * (g * g)
+        g = mul_add(weight_decay, p, g)
+    v = mul_add(alpha, v, rate * (g * g))
     second_moment = v * inverse_correction
     if grad_avgs is not None:
-        m = m + rate * (g - m)
+        m = mul_add(rate, g - m, m)
         mean = m * inverse_correction
-        second_moment = second_moment - mean * mean
+        second_moment = mul_add(-mean, mean, second_moment)
         # clamp_min(0), as the C++ kernel: NaN stays NaN. ``sign - sign`` is a zero of the compute type.
         second_moment = sign - sign if second_moment < 0 else second_moment
     u = g / (np.sqrt(second_moment + eps_inside) + eps_outside)
+    if momentum_buffers is not None and lr_in_momentum:
+        lr_u = lr * u
+        b = mul_add(momentum, b, lr_u)
+        return p - (mul_add(momentum, b, lr_u) if nesterov else b), v, m, b
+    direction = u
     if momentum_buffers is not None:
-        if lr_in_momentum:
-            b = momentum * b + lr * u
-            update = momentum * b + lr * u if nesterov else b
-        else:
-            b = momentum * b + u
-            update = lr * (u + momentum * b) if nesterov else lr * b
-    else:
-        update = lr * u
-    return p - update, v, m, b
+        b = mul_add(momentum, b, u)
+        direction = mul_add(momentum, b, u) if nesterov else b
+    return mul_add(-lr, direction, p), v, m, b
 
 
 @njit(parallel=True, cache=True)

@@ -26,7 +26,9 @@ Elements are computed in float32 (float64 for float64 tensors), so results
 equal the for-loop path within that type's rounding, not bit for bit: torch
 rounds every intermediate tensor to the parameter's dtype, uses fused
 multiply-adds in some kernels (``add`` with ``alpha``, ``addcmul``, ``lerp``)
-and, on this AVX512 CPU, a float32 ``sqrt`` that is not correctly rounded
+where the CPU kernels use them elsewhere (the C++ and numba kernels at the same
+places, where the machine has them: the moving averages and the parameter
+update) and, on this AVX512 CPU, a float32 ``sqrt`` that is not correctly rounded
 (20% of its results on uniform inputs in [0.1, 1.1) differed by an ulp from
 IEEE ``sqrt``, which the fused kernels use). ``fused=False`` keeps torch's
 numbers bit for bit.

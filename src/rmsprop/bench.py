@@ -1,7 +1,8 @@
 """``rmsprop bench``: the optimizer step of every implementation, timed in one process.
 
 Each case is a list of parameters with gradients (fp32, one case bf16). Every implementation
-gets its own optimizer over the same parameters; after one first call
+gets its own optimizer over the same parameters, all sharing one state, so that all of them
+step the same memory; after one first call
 (reported apart: compiling or loading kernels happens there) and a warm-up,
 the implementations take steps in turn, round after round, so that a change
 in the machine's load hits them all alike. The median ms per step is

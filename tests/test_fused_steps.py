@@ -52,15 +52,23 @@ def _run(fused: bool, change: Callable[[RMSprop, list[torch.nn.Parameter], int],
     return params, optimizer
 
 
+def _assert_close_in_float32(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within float32 rounding at the scale of the tensor's largest values: a sum such as
+    ``momentum * b + u`` rounds at the scale of its largest term (the centered form's ``u``
+    reaches ~30 here), so a value that cancels to ~1e-3 carries an absolute error of an ulp of 30."""
+    scale = max(1.0, expected.abs().max().item()) if expected.dim() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * scale)
+
+
 def _assert_same_run(change, **settings) -> None:
     params, optimizer = _run(True, change, **settings)
     expected_params, expected_optimizer = _run(False, change, **settings)
     for p, expected in zip(params, expected_params, strict=True):
-        torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
+        _assert_close_in_float32(p, expected)
         state, expected_state = optimizer.state[p], expected_optimizer.state[expected]
         assert state.keys() == expected_state.keys()
         for key in state:
-            torch.testing.assert_close(state[key], expected_state[key], rtol=1e-5, atol=1e-6)
+            _assert_close_in_float32(state[key], expected_state[key])
 
 
 def _unchanged(optimizer, params, step):

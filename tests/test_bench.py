@@ -42,7 +42,8 @@ def test_quick_bench_prints_a_table_and_writes_json(tmp_path, capsys):
             assert result["median_ms"] == sorted(result["times_ms"])[1]
             q1, q3 = result["quartiles_ms"]
             assert min(result["times_ms"]) <= q1 <= result["median_ms"] <= q3 <= max(result["times_ms"])
-            assert result["times_bound"] == result["median_ms"] / case["bound_ms"]
+            ratios = [ms / bound for ms, bound in zip(result["times_ms"], case["bound_times_ms"], strict=True)]
+            assert result["times_bound"] == sorted(ratios)[1]
         by_name = {result["implementation"]: result for result in case["results"]}
         assert by_name["torch for-loop"]["speedup_vs_torch_for_loop"] == 1.0
         assert by_name["torch foreach"]["speedup_vs_torch_foreach"] == 1.0
@@ -82,12 +83,15 @@ def test_fused_and_compiled_are_compared_round_by_round():
     times = {name: [10.0, 10.0, 10.0, 10.0] for name in IMPLEMENTATIONS}
     times[TORCH_COMPILED] = [10.0, 20.0, 10.0, 20.0]
     times[FUSED] = [9.0, 18.0, 11.0, 18.0]  # ratios 0.9, 0.9, 1.1, 0.9
-    times[BOUND] = [5.0, 5.0, 5.0, 5.0]
+    times[BOUND] = [5.0, 10.0, 5.0, 10.0]
     summary = _summary(Case("pairs", [(4,)]), {name: 1.0 for name in times}, times)
     assert summary["fused_vs_compiled"] == {"median_ratio": pytest.approx(0.9), "rounds_faster": 3, "rounds": 4}
     fused = next(result for result in summary["results"] if result["implementation"] == FUSED)
     # Inclusive quartiles of 9, 11, 18, 18: positions 1.75 and 3.25 of the sorted values.
     assert fused["quartiles_ms"] == pytest.approx([10.5, 18.0])
+    # Against the bound, round by round too: 1.8, 1.8, 2.2, 1.8 (the ratio of medians would be 14.5 / 7.5).
+    assert fused["times_bound"] == pytest.approx(1.8)
+    assert summary["bound_times_ms"] == [5.0, 10.0, 5.0, 10.0]
     report = {"machine": {"torch": "x", "torch_threads": 2, "device": "cpu"}, "fresh_process": {"first_step_ms": 1.0}}
     table = markdown_table({**report, "cases": [summary]})
     assert "- pairs: median 0.90, fused faster in 3 of 4 rounds" in table

@@ -144,7 +144,7 @@ def _implementations(
     All optimizers share one state (torch's and ours hold the same tensors under the same
     keys): every implementation then reads and writes the very same memory. Each with buffers
     of its own, where the pages of a 128 MiB buffer happened to land moved a step's time by
-    up to 30% on a 4 KB-page machine, whichever implementation it was.
+    up to 50% on a 4 KB-page machine, whichever implementation it was.
     """
     settings = case.settings
     optimizers: dict[str, torch.optim.Optimizer] = {

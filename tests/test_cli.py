@@ -30,8 +30,23 @@ def test_demo_runs_in_process(capsys):
 
 
 def test_build_kernel_loads_the_kernel_and_says_where(capsys):
+    from rmsprop import _cpp_kernels
+
+    assert main(["build-kernel"]) == 0  # built now, or before
     assert main(["build-kernel"]) == 0
-    assert "fused CPU kernel ready in" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert out.startswith("loaded the fused CPU kernel, built before, in ")
+    assert out.endswith(_cpp_kernels.module().__file__)
+
+
+def test_build_kernel_says_when_it_builds(capsys, monkeypatch):
+    from rmsprop import _cpp_kernels
+
+    monkeypatch.setattr(_cpp_kernels, "is_built", lambda: False)
+    assert main(["build-kernel"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"building the fused CPU kernel in {_cpp_kernels.build_directory()}")
+    assert lines[1].startswith("built the fused CPU kernel in ")
 
 
 def test_build_kernel_fails_clearly_without_a_compiler(capsys, monkeypatch):

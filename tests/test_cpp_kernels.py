@@ -10,6 +10,7 @@ declines before changing anything.
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import re
 import shutil
@@ -203,7 +204,6 @@ def test_the_kernel_is_built_for_this_cpu_and_loaded_once():
 
 
 def test_a_lock_left_by_a_killed_build_is_removed_but_a_fresh_one_is_not(tmp_path):
-    import os
     import time
 
     from rmsprop import _cpp_kernels
@@ -229,16 +229,69 @@ def test_a_build_says_it_is_building_and_a_load_does_not(tmp_path, monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", lambda **arguments: built)
     _cpp_kernels.module.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="building the fused CPU kernel for this machine"):
+        with pytest.warns(UserWarning, match="building the fused CPU kernel for this machine and environment"):
             _cpp_kernels.module()
-        name = f"rmsprop_fused_step_{_cpp_kernels._build_digest()}"
-        (tmp_path / name / f"{name}.so").touch()
+        directory = _cpp_kernels.build_directory()
+        (directory / f"{directory.name}.so").touch()
         _cpp_kernels.module.cache_clear()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _cpp_kernels.module()
     finally:
         _cpp_kernels.module.cache_clear()
+
+
+def test_a_build_that_ninja_finds_stale_warns_too(tmp_path, monkeypatch):
+    """A library whose inputs changed since its build (a reinstalled torch header, say) is rebuilt: not silently."""
+    from rmsprop import _cpp_kernels
+
+    built = _cpp_kernels.build_directory()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    copy = _cpp_kernels.build_directory()
+    shutil.copytree(built, copy)
+    assert _cpp_kernels.is_built()
+    os.utime(copy / "fused_step.o", (0, 0))  # older than its source and headers
+    assert not _cpp_kernels.is_built()
+
+
+def test_the_cache_entry_builds_from_its_own_copy_of_the_source():
+    """Reinstalling the package gives the source a new mtime; the entry's copy keeps its own."""
+    from rmsprop import _cpp_kernels
+
+    _cpp_kernels.module()
+    directory = _cpp_kernels.build_directory()
+    ninja_file = (directory / "build.ninja").read_text()
+    assert f"compile {directory / 'fused_step.cpp'}" in ninja_file
+    assert str(_cpp_kernels.SOURCE) not in ninja_file
+
+
+def test_every_path_of_the_environment_in_the_build_files_names_the_cache_entry():
+    """What torch writes into build.ninja, and ninja would rebuild for, must be in the entry's
+    name: otherwise two environments sharing one cache rebuild each other's library in turn."""
+    from rmsprop import _cpp_kernels
+
+    _cpp_kernels.module()
+    directory = _cpp_kernels.build_directory()
+    inputs = _cpp_kernels.build_inputs()
+    paths = set(re.findall(r"(?:-isystem |-L|-I)(/\S+)", (directory / "build.ninja").read_text()))
+    assert paths, "no paths found in build.ninja: its format changed"
+    assert not {path for path in paths if path not in inputs}, sorted(paths)
+    assert re.search(r"^cxx = (\S+)$", (directory / "build.ninja").read_text(), re.M).group(1) in " ".join(inputs)
+
+
+def test_another_environment_gets_a_cache_entry_of_its_own(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from rmsprop import _cpp_kernels
+
+    here = _cpp_kernels.build_directory()
+    assert _cpp_kernels.build_directory() == here  # one environment, one entry
+    other_torch = [path.replace("site-packages", "other-site-packages") for path in cpp_extension.include_paths()]
+    monkeypatch.setattr(cpp_extension, "include_paths", lambda *args, **kwargs: other_torch)
+    assert _cpp_kernels.build_directory() != here
+    monkeypatch.undo()
+    monkeypatch.setenv("CXX", "g++-12-elsewhere")
+    assert _cpp_kernels.build_directory() != here
 
 
 def _functions(listing: str) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Effective step sizes against values worked out by hand from each optimizer's documented rule."""
 
+import itertools
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from rmsprop import RMSprop
 from rmsprop.diagnostics import effective_step_size_tensors, effective_step_sizes, has_step_sizes
+from rmsprop.state_precision import BLOCK_SIZE, UNSIGNED_MAP
 
 
 def _stepped(optimizer_class, grads, values=(1.0, 2.0, 3.0), **settings):
@@ -173,3 +175,75 @@ def test_has_step_sizes():
     assert has_step_sizes(RMSprop(params))
     assert has_step_sizes(torch.optim.AdamW(params))
     assert not has_step_sizes(torch.optim.SGD(params, lr=0.1))
+
+
+# The flags that change the denominator, and momentum, which adds a stored buffer.
+_DENOMINATOR_FLAGS = [
+    dict(zip(("centered", "bias_correction", "eps_in_sqrt", "momentum"), values, strict=True))
+    for values in itertools.product([False, True], [False, True], [False, True], [0.0, 0.9])
+]
+
+
+def _fp32_state_after_steps(settings, steps=6):
+    """An fp32-state optimizer over a 2-block and a small parameter, after ``steps`` steps."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.zeros(512, requires_grad=True), torch.zeros(300, requires_grad=True)]
+    optimizer = RMSprop(params, lr=0.01, alpha=0.9, **settings)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator) * torch.logspace(-3, 1, p.numel())
+        optimizer.step()
+    return optimizer
+
+
+def _map_gaps(stored: torch.Tensor) -> torch.Tensor:
+    """Relative gap between the two codes of the 8-bit map around each element of ``stored``,
+    scaled by its block's absmax: how far stochastic rounding can move the element."""
+    blocks = torch.nn.functional.pad(stored, (0, -stored.numel() % BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
+    scaled = (blocks / blocks.amax(dim=1, keepdim=True)).reshape(-1)[: stored.numel()]
+    codes = UNSIGNED_MAP[UNSIGNED_MAP > 0]
+    upper = torch.searchsorted(codes, scaled).clamp(1, codes.numel() - 1)
+    return (codes[upper] - codes[upper - 1]) / codes[upper - 1]
+
+
+def _rounding_bound(state_precision, full_optimizer):
+    """How far one rounding of each element's denominator can move it, relative.
+
+    bf16: stochastic rounding goes to a neighbour, at most 2^-7 away. 8-bit: the
+    stored root of v (of the variance v - m^2/c when centered, which is all the
+    denominator reads) moves by at most the gap between its two codes.
+    """
+    group = full_optimizer.param_groups[0]
+    big, small = group["params"]
+    if state_precision == "bf16":
+        return torch.full((big.numel() + small.numel(),), 2.0**-7)
+    state = full_optimizer.state[big]
+    stored = state["square_avg"]
+    if group["centered"]:
+        weight = 1 / (1 - group["alpha"] ** state["step"].item()) if group["bias_correction"] else 1.0
+        stored = (stored - weight * state["grad_avg"] ** 2).clamp(min=0)
+    # The small tensor keeps fp32 state (min_8bit_size): no rounding.
+    return torch.cat([_map_gaps(stored.sqrt()), torch.full((small.numel(),), 1e-6)])
+
+
+@pytest.mark.parametrize("state_precision", ["bf16", "8bit"])
+@pytest.mark.parametrize("settings", _DENOMINATOR_FLAGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_low_precision_state_gives_the_step_sizes_of_full_precision_state(settings, state_precision):
+    """Reference: fp32 state, and its step sizes. Loaded into a low-precision optimizer, the
+    state is rounded once; the step sizes read from it differ by that rounding only (the
+    step size is lr / sqrt(v) to first order, so by the root's relative rounding)."""
+    full_optimizer = _fp32_state_after_steps(settings)
+    params = [p.detach().clone().requires_grad_() for p in full_optimizer.param_groups[0]["params"]]
+    low_optimizer = RMSprop(params, lr=0.01, state_precision=state_precision, min_8bit_size=400)
+    low_optimizer.load_state_dict(full_optimizer.state_dict())
+    assert any(key.endswith("_absmax") for key in low_optimizer.state[params[0]]) == (state_precision == "8bit")
+    assert ("grad_variance" in low_optimizer.state[params[0]]) == settings["centered"]
+
+    [[*full]], [[*low]] = effective_step_size_tensors(full_optimizer), effective_step_size_tensors(low_optimizer)
+    full, low = torch.cat(full), torch.cat(low)
+    relative = (low / full - 1).abs()
+    bound = _rounding_bound(state_precision, full_optimizer)
+    assert (relative <= bound).all(), f"{(relative / bound).max():.2f} times the rounding bound"
+    [got], [expected] = effective_step_sizes(low_optimizer), effective_step_sizes(full_optimizer)
+    assert got.count == expected.count
+    assert got.median == pytest.approx(expected.median, rel=bound.max().item())

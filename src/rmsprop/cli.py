@@ -65,11 +65,17 @@ def _build_kernel(args: argparse.Namespace) -> int:
     from rmsprop import _cpp_kernels
 
     start = time.perf_counter()
+    missing = _cpp_kernels.compiler_missing()
+    built = missing is None and _cpp_kernels.is_built()
+    if missing is None and not built:
+        print(f"building the fused CPU kernel in {_cpp_kernels.build_directory()} (about a minute on 2 cores)...")
     problem = _cpp_kernels.build_problem()
     if problem is not None:
         print(f"rmsprop: {problem}; the fused CPU path will use the numba kernel", file=sys.stderr)
         return 1
-    print(f"fused CPU kernel ready in {time.perf_counter() - start:.1f} s: {_cpp_kernels.module().__file__}")
+    seconds = time.perf_counter() - start
+    action = "loaded the fused CPU kernel, built before," if built else "built the fused CPU kernel"
+    print(f"{action} in {seconds:.1f} s: {_cpp_kernels.module().__file__}")
     return 0
 
 

@@ -11,7 +11,8 @@ optimizer                         effective step size
 :class:`rmsprop.RMSprop`          :math:`\gamma / d`, :math:`d` as in its docstring: :math:`s = v/c` or
                                   :math:`\max(v/c - (m/c)^2, 0)` if centered, :math:`c = 1 - \alpha^t`
                                   with bias_correction else 1; :math:`d = \sqrt{s + \epsilon}` if
-                                  eps_in_sqrt else :math:`\sqrt{s} + \epsilon`
+                                  eps_in_sqrt else :math:`\sqrt{s} + \epsilon`; bf16 and 8-bit
+                                  state decoded as the step decodes it
 ``torch.optim.RMSprop``           :math:`\gamma / (\sqrt{s} + \epsilon)`, :math:`s = v` or
                                   :math:`\max(v - m^2, 0)` if centered
 ``torch.optim.Adagrad``           :math:`\gamma_t / (\sqrt{\textstyle\sum_{k \le t} g_k^2} + \epsilon)`,
@@ -46,6 +47,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from rmsprop import state_precision as low_precision
+from rmsprop.functional import Hyperparameters, denominator
 from rmsprop.optimizer import RMSprop
 
 __all__ = [
@@ -113,7 +116,7 @@ def effective_step_size_tensors(optimizer: Optimizer) -> list[list[Tensor]]:
     """
     step_size = _step_size_function(optimizer)
     return [
-        [step_size(group, optimizer.state[p]) for p in group["params"] if optimizer.state.get(p)]
+        [step_size(group, p, optimizer.state[p]) for p in group["params"] if optimizer.state.get(p)]
         for group in optimizer.param_groups
     ]
 
@@ -123,7 +126,7 @@ def has_step_sizes(optimizer: Optimizer) -> bool:
     return isinstance(optimizer, tuple(_STEP_SIZE_FUNCTIONS))
 
 
-def _step_size_function(optimizer: Optimizer) -> Callable[[dict[str, Any], dict[str, Any]], Tensor]:
+def _step_size_function(optimizer: Optimizer) -> Callable[[dict[str, Any], Tensor, dict[str, Any]], Tensor]:
     for cls, function in _STEP_SIZE_FUNCTIONS.items():
         if isinstance(optimizer, cls):
             return function
@@ -135,17 +138,16 @@ def _step_size_function(optimizer: Optimizer) -> Callable[[dict[str, Any], dict[
 SUPPORTED_OPTIMIZERS = ("rmsprop.RMSprop", "torch.optim.RMSprop", "torch.optim.Adagrad", "torch.optim.Adam")
 
 
-def _ours(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
-    v = _real(state["square_avg"])
-    correction = 1 - group["alpha"] ** _step(state) if group["bias_correction"] else 1.0
-    s = v / correction
-    if group["centered"]:
-        s = (s - (_real(state["grad_avg"]) / correction) ** 2).clamp_(min=0)
-    d = (s + group["eps"]).sqrt_() if group["eps_in_sqrt"] else s.sqrt_().add_(group["eps"])
-    return _lr(group) / d
+def _ours(group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> Tensor:
+    # The step's own decoding (bf16, 8-bit codes, a stored variance) and its own denominator.
+    buffers = low_precision.decode_state(state, p, low_precision.mean_weight(group, state))
+    correction = 1 - group["alpha"] ** _step(state) if group["bias_correction"] else None
+    grad_avg = _real(buffers["grad_avg"]) if group["centered"] else None
+    hp = Hyperparameters.from_group(group)
+    return _lr(group) / denominator(_real(buffers["square_avg"]), grad_avg, correction, hp, differentiable=False)
 
 
-def _torch_rmsprop(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+def _torch_rmsprop(group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> Tensor:
     s = _real(state["square_avg"])
     if group["centered"]:
         # torch takes the root of v - m^2 unclamped; rounding can make it slightly negative.
@@ -153,12 +155,12 @@ def _torch_rmsprop(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
     return _lr(group) / s.sqrt().add_(group["eps"])
 
 
-def _adagrad(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+def _adagrad(group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> Tensor:
     decayed_lr = _lr(group) / (1 + (_step(state) - 1) * group["lr_decay"])
     return decayed_lr / _real(state["sum"]).sqrt().add_(group["eps"])
 
 
-def _adam(group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+def _adam(group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> Tensor:
     v = _real(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
     beta2 = float(group["betas"][1])
     return _lr(group) / (v / (1 - beta2 ** _step(state))).sqrt_().add_(group["eps"])

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _get_capturable_supported_devices
 
-__all__ = ["Hyperparameters", "rmsprop"]
+__all__ = ["Hyperparameters", "denominator", "rmsprop"]
 
 
 class Hyperparameters(NamedTuple):
@@ -166,7 +166,7 @@ def _single_tensor_rmsprop(
         if hp.centered:
             grad_avg = _real_view(grad_avgs[i])
             grad_avg.lerp_(grad, 1 - hp.alpha)
-        denom = _denominator(square_avg, grad_avg, correction, hp, differentiable)
+        denom = denominator(square_avg, grad_avg, correction, hp, differentiable)
 
         if hp.momentum > 0:
             buf = _real_view(momentum_buffers[i])
@@ -191,14 +191,18 @@ def _real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if torch.is_complex(t) else t
 
 
-def _denominator(
+def denominator(
     square_avg: Tensor,
     grad_avg: Tensor | None,
     correction: float | Tensor | None,
     hp: Hyperparameters,
     differentiable: bool,
 ) -> Tensor:
-    """``sqrt(s) + eps`` or ``sqrt(s + eps)`` as a new tensor (step 4-5 of the rule)."""
+    """``sqrt(s) + eps`` or ``sqrt(s + eps)`` as a new tensor (steps 4-5 of the rule).
+
+    ``correction`` is ``1 - alpha^t`` with bias correction, else ``None``;
+    ``grad_avg`` is ``None`` unless centered. Neither buffer is changed.
+    """
     second_moment = square_avg if correction is None else square_avg.div(correction)
     if grad_avg is not None:
         mean = grad_avg if correction is None else grad_avg.div(correction)

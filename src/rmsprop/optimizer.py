@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -210,7 +212,17 @@ class RMSprop(Optimizer):
         to them (e.g. a full-precision state dict is quantized by an 8-bit
         optimizer, and full-precision state is cast to the parameter's dtype
         as torch does), exactly where it already fits.
+
+        Hooks run as ``torch.optim.Optimizer`` runs them: the pre-hooks on a
+        shallow copy of ``state_dict`` before anything is checked (one may
+        return a new state dict), the post-hooks once the state is loaded,
+        checked and converted, free to change anything.
         """
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         _check_state_dict_layout(state_dict)
         previous_state, previous_groups = self.state, self.param_groups
         storage = [{key: group[key] for key in _STORAGE_SETTINGS} for group in previous_groups]
@@ -218,7 +230,8 @@ class RMSprop(Optimizer):
         # which would turn 8-bit codes into floats; they are put back as saved.
         exact = low_precision.exact_entries(state_dict)
         try:
-            super().load_state_dict(state_dict)
+            with _hooks_suspended(self):
+                super().load_state_dict(state_dict)
             saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
             low_precision.restore_entries(exact, saved_ids, self._all_params(), self.state)
             for group, settings in zip(self.param_groups, storage, strict=True):
@@ -230,6 +243,8 @@ class RMSprop(Optimizer):
         for group_index in range(len(self.param_groups)):
             self._convert_state(group_index)
         self._note_state_precisions()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _all_params(self) -> Iterator[Tensor]:
         return itertools.chain.from_iterable(group["params"] for group in self.param_groups)
@@ -506,6 +521,19 @@ _FACTORY_DEFAULTS = {
     for name, parameter in inspect.signature(RMSprop.__init__).parameters.items()
     if parameter.default is not inspect.Parameter.empty
 }
+
+
+@contextmanager
+def _hooks_suspended(optimizer: Optimizer) -> Iterator[None]:
+    """``Optimizer.load_state_dict`` without its hooks: ours runs them around its own checks."""
+    pre, post = optimizer._optimizer_load_state_dict_pre_hooks, optimizer._optimizer_load_state_dict_post_hooks
+    optimizer._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    optimizer._optimizer_load_state_dict_post_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        optimizer._optimizer_load_state_dict_pre_hooks = pre
+        optimizer._optimizer_load_state_dict_post_hooks = post
 
 
 def _check_fused_params(params: list[Tensor]) -> None:

@@ -56,10 +56,10 @@ $(DOCS_INSTALLED): $(INSTALLED)
 	touch $@
 
 docs: $(DOCS_INSTALLED)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: $(DOCS_INSTALLED)
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # The optimizer-step benchmark (docs/benchmark.md); takes minutes, torch.compile most of them.
 bench: $(INSTALLED)

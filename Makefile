@@ -14,13 +14,14 @@ TIMM := timm==1.0.31
 
 .PHONY: demo test test-recipes bench install clean compare test-frameworks golden docs docs-serve
 
-# torch is named with the extras so that none of them can replace the CPU build; the recipes
-# extra (transformers, Lightning, stable-baselines3, accelerate) adds about a minute and 200 MB.
+# torch is named with the extras so that none of them can replace the CPU build. --no-compile:
+# Python compiles a module when it is first imported; pip compiling every module of the
+# frameworks (transformers alone has thousands) took most of their install time.
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH) $(TRITON)
-	$(BIN)/pip install --quiet $(TORCH) -e '.[test,recipes]'
-	$(BIN)/pip install --quiet --no-deps $(TIMM)
+	$(BIN)/pip install --quiet --no-compile $(TORCH) -e '.[test,recipes,docs]'
+	$(BIN)/pip install --quiet --no-compile --no-deps $(TIMM)
 	touch $@
 
 install: $(INSTALLED)
@@ -50,15 +51,10 @@ test-recipes: $(INSTALLED)
 
 # The documentation site, built into site/; --strict turns every warning (a broken link, a
 # missing snippet or docstring) into a failure. CI runs it after the tests.
-DOCS_INSTALLED := $(VENV)/.docs-installed
-$(DOCS_INSTALLED): $(INSTALLED)
-	$(BIN)/pip install --quiet $(TORCH) -e '.[docs]'
-	touch $@
-
-docs: $(DOCS_INSTALLED)
+docs: $(INSTALLED)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-docs-serve: $(DOCS_INSTALLED)
+docs-serve: $(INSTALLED)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # The optimizer-step benchmark (docs/benchmark.md); takes minutes, torch.compile most of them.

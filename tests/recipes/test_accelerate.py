@@ -42,12 +42,12 @@ def train(accelerator, model, optimizer, batches, epochs=1):
 # --8<-- [end:train]
 
 
-def prepared(optimizer_class=RMSprop, **settings):
+def prepared(**settings):
     set_seed(0)
-    accelerator = Accelerator(cpu=True)
-    model = mlp()
     # --8<-- [start:prepare]
-    optimizer = optimizer_class(model.parameters(), **settings)
+    accelerator = Accelerator(cpu=True)  # Accelerator() takes the GPUs a machine has
+    model = mlp()
+    optimizer = RMSprop(model.parameters(), **settings)
     model, optimizer, batches = accelerator.prepare(model, optimizer, random_regression())
     # --8<-- [end:prepare]
     return accelerator, model, optimizer, batches
@@ -61,7 +61,10 @@ def test_prepared_optimizer_steps_as_torch_rmsprop():
     accelerator, model, optimizer, batches = prepared(fused=False, **SETTINGS)
     train(accelerator, model, optimizer, batches)
     assert isinstance(optimizer.optimizer, RMSprop)
-    accelerator, torch_model, torch_optimizer, batches = prepared(torch.optim.RMSprop, **SETTINGS)
+    set_seed(0)
+    accelerator, torch_model = Accelerator(cpu=True), mlp()
+    torch_optimizer = torch.optim.RMSprop(torch_model.parameters(), **SETTINGS)
+    torch_model, torch_optimizer, batches = accelerator.prepare(torch_model, torch_optimizer, random_regression())
     train(accelerator, torch_model, torch_optimizer, batches)
     for a, b in zip(parameters(model), parameters(torch_model), strict=True):
         assert torch.equal(a, b)

@@ -32,11 +32,11 @@ def random_regression() -> DataLoader:
 
 # --8<-- [start:automatic]
 class Regression(L.LightningModule):
-    def __init__(self, optimizer_class=RMSprop, **optimizer_settings):
+    def __init__(self, **optimizer_settings):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-        self.optimizer_class, self.optimizer_settings = optimizer_class, optimizer_settings
+        self.optimizer_settings = optimizer_settings  # e.g. lr=1e-2, momentum=0.9, centered=True
 
     def training_step(self, batch, batch_index):
         inputs, targets = batch
@@ -44,14 +44,14 @@ class Regression(L.LightningModule):
 
     def configure_optimizers(self):
         # Lightning calls optimizer.step(closure): the step runs the forward and backward pass first.
-        return self.optimizer_class(self.parameters(), **self.optimizer_settings)
+        return RMSprop(self.parameters(), **self.optimizer_settings)
 # --8<-- [end:automatic]
 
 
 # --8<-- [start:manual]
 class ManualRegression(Regression):
-    def __init__(self, optimizer_class=RMSprop, **optimizer_settings):
-        super().__init__(optimizer_class, **optimizer_settings)
+    def __init__(self, **optimizer_settings):
+        super().__init__(**optimizer_settings)
         self.automatic_optimization = False
 
     def training_step(self, batch, batch_index):
@@ -63,6 +63,21 @@ class ManualRegression(Regression):
         optimizer.step()
         return loss
 # --8<-- [end:manual]
+
+
+class TorchOptimizer:
+    """Mixed in first: the same module with torch.optim.RMSprop, the reference."""
+
+    def configure_optimizers(self):
+        return torch.optim.RMSprop(self.parameters(), **self.optimizer_settings)
+
+
+class TorchRegression(TorchOptimizer, Regression):
+    pass
+
+
+class TorchManualRegression(TorchOptimizer, ManualRegression):
+    pass
 
 
 def trainer(**settings) -> L.Trainer:
@@ -83,11 +98,15 @@ def assert_same(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
 SETTINGS = {"lr": 1e-2, "momentum": 0.9, "centered": True}
 
 
-@pytest.mark.parametrize("module_class", [Regression, ManualRegression], ids=["automatic", "manual"])
-def test_steps_as_torch_rmsprop(module_class):
+@pytest.mark.parametrize(
+    "module_class, torch_class",
+    [(Regression, TorchRegression), (ManualRegression, TorchManualRegression)],
+    ids=["automatic", "manual"],
+)
+def test_steps_as_torch_rmsprop(module_class, torch_class):
     trainer_settings = {} if module_class is ManualRegression else {"gradient_clip_val": 0.5}
     ours = fitted(module_class(fused=False, **SETTINGS), **trainer_settings)
-    theirs = fitted(module_class(torch.optim.RMSprop, **SETTINGS), **trainer_settings)
+    theirs = fitted(torch_class(**SETTINGS), **trainer_settings)
     assert_same(ours, theirs)
     assert any(not torch.equal(a, b) for a, b in zip(ours, Regression().parameters()))
 
@@ -100,7 +119,7 @@ def test_gradient_clipping_acts_before_the_step():
 
 def test_default_fused_kernel_matches_torch_within_rounding():
     ours = fitted(Regression(**SETTINGS), gradient_clip_val=0.5)
-    theirs = fitted(Regression(torch.optim.RMSprop, **SETTINGS), gradient_clip_val=0.5)
+    theirs = fitted(TorchRegression(**SETTINGS), gradient_clip_val=0.5)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -110,7 +129,7 @@ def test_bf16_precision_with_fused_false_steps_as_torch(precision):
     # bf16-true makes the parameters bfloat16: fused=False rounds every intermediate to bf16 as
     # torch does; the default fused kernel computes in float32 and rounds once.
     ours = fitted(Regression(fused=False, **SETTINGS), precision=precision)
-    theirs = fitted(Regression(torch.optim.RMSprop, **SETTINGS), precision=precision)
+    theirs = fitted(TorchRegression(**SETTINGS), precision=precision)
     assert_same(ours, theirs)
     assert ours[0].dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
 

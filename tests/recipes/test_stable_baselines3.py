@@ -16,7 +16,7 @@ from rmsprop import PRESETS, RMSprop
 
 pytestmark = pytest.mark.recipes
 
-TIMESTEPS = 500
+TIMESTEPS = 300
 
 
 def trained_policy(policy_kwargs: dict | None = None) -> list[torch.Tensor]:

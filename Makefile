@@ -45,7 +45,8 @@ bench-memory: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -n auto
 
-# The framework recipes only (tests/recipes/; part of make test).
+# The framework recipes only (tests/recipes/; part of make test, where they add about 50 s to
+# a fresh install and 46 CPU-seconds of tests on 2 cores).
 test-recipes: $(INSTALLED)
 	$(BIN)/python -m pytest -n auto -m recipes
 

@@ -7,13 +7,21 @@ INSTALLED := $(VENV)/.installed
 TORCH := torch==2.13.0
 # The Triton release on this machine's disk (tests/test_triton.py runs its interpreter); Linux only.
 TRITON := "triton==3.8.0; sys_platform == 'linux'"
+# Without its dependencies: they pull torchvision, whose PyPI build does not load
+# with the CPU torch: tests/recipes/test_timm.py then skips, saying why, and .venv-frameworks
+# loads only timm's RMSpropTF, which needs only torch.
+TIMM := timm==1.0.31
 
-.PHONY: demo test bench install clean compare test-frameworks golden
+.PHONY: demo test test-recipes bench install clean compare test-frameworks golden docs docs-serve
 
+# torch is named with the extras so that none of them can replace the CPU build. --no-compile:
+# Python compiles a module when it is first imported; pip compiling every module of the
+# frameworks (transformers alone has thousands) took most of their install time.
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH) $(TRITON)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-compile $(TORCH) -e '.[test,recipes,docs]'
+	$(BIN)/pip install --quiet --no-compile --no-deps $(TIMM)
 	touch $@
 
 install: $(INSTALLED)
@@ -37,6 +45,19 @@ bench-memory: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -n auto
 
+# The framework recipes only (tests/recipes/; part of make test, where they add about 50 s to
+# a fresh install and 46 CPU-seconds of tests on 2 cores).
+test-recipes: $(INSTALLED)
+	$(BIN)/python -m pytest -n auto -m recipes
+
+# The documentation site, built into site/; --strict turns every warning (a broken link, a
+# missing snippet or docstring) into a failure. CI runs it after the tests.
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 # The optimizer-step benchmark (docs/benchmark.md); takes minutes, torch.compile most of them.
 bench: $(INSTALLED)
 	$(BIN)/rmsprop bench --json out/benchmark.json
@@ -46,9 +67,6 @@ bench: $(INSTALLED)
 FW_VENV := .venv-frameworks
 FW_INSTALLED := $(FW_VENV)/.installed
 FRAMEWORKS := jax==0.10.2 optax==0.2.8 keras==3.15.1
-# Without its dependencies: they pull torchvision, whose PyPI build does not load
-# with the CPU torch, and its RMSpropTF needs only torch.
-TIMM := timm==1.0.31
 
 $(FW_INSTALLED): pyproject.toml Makefile
 	test -x $(FW_VENV)/bin/python || $(PYTHON) -m venv $(FW_VENV)
@@ -65,4 +83,4 @@ golden: $(FW_INSTALLED)
 	$(FW_VENV)/bin/python tools/make_framework_vectors.py
 
 clean:
-	rm -rf $(VENV) $(FW_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FW_VENV) .pytest_cache .hypothesis site

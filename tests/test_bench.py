@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from rmsprop.bench import (
     _summary,
     cases,
     markdown_table,
+    run_benchmark,
     transformer_shapes,
 )
 from rmsprop.cli import main
@@ -113,3 +117,30 @@ def test_every_implementation_steps_the_same_state_tensors(settings):
     assert set(first) == {"step", "square_avg"} | ({"momentum_buffer", "grad_avg"} if settings else set())
     for step in steps.values():
         assert step.__self__.state[params[0]] is first
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_on_a_terminal(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run_benchmark(quick=True, repeats=1, case_names=["small tensors"])
+    shown = terminal.getvalue()
+    assert "rmsprop bench" in shown and "small tensors" in shown and "first step in a fresh process" in shown
+
+
+def test_piped_output_is_the_table_alone():
+    command = [sys.executable, "-m", "rmsprop", "bench", "--quick", "--repeats", "1", "--case", "small tensors"]
+    finished = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "rmsprop bench" not in finished.stderr and "\r" not in finished.stderr
+    assert finished.stdout.splitlines()[2].startswith("| case | implementation |")
+
+
+def test_unknown_case_is_a_usage_error_listing_the_cases(capsys):
+    assert main(["bench", "--quick", "--case", "small tensors", "--case", "one tensor, 32M"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown --case 'one tensor, 32M'" in error
+    assert all(repr(case.name) in error for case in cases(quick=True))

@@ -1,7 +1,10 @@
+import argparse
+import re
+
 import pytest
 
 from rmsprop import __version__
-from rmsprop.cli import main
+from rmsprop.cli import build_parser, main
 
 
 def test_help_lists_the_demo(capsys):
@@ -55,3 +58,16 @@ def test_build_kernel_fails_clearly_without_a_compiler(capsys, monkeypatch):
     monkeypatch.setattr(_cpp_kernels, "build_problem", lambda: "no C++ compiler ('x') on PATH")
     assert main(["build-kernel"]) == 1
     assert "no C++ compiler ('x') on PATH; the fused CPU path will use the numba kernel" in capsys.readouterr().err
+
+
+def _help_texts() -> list[str]:
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return [parser.format_help()] + [command.format_help() for command in commands.choices.values()]
+
+
+def test_every_help_text_speaks_of_the_project_only():
+    texts = _help_texts()
+    assert len(texts) == 6
+    for text in texts:
+        assert not re.search(r"\b(issue|ticket|mission|session)", text, re.IGNORECASE), text

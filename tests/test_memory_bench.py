@@ -1,10 +1,13 @@
 """The memory benchmark's measurements on small inputs (its numbers are reported, not tested)."""
 
+import io
 import math
+import sys
 
 import pytest
 import torch
 
+from rmsprop import memory_bench
 from rmsprop.cli import main
 from rmsprop.memory_bench import Run, build_parser, dynamic_range, quality_table, train
 
@@ -50,3 +53,29 @@ def test_cli_refuses_a_single_seed(capsys):
 def test_cli_step_time_flag_selects_the_first_table_only():
     assert build_parser().parse_args(["--step-time"]).step_time
     assert not build_parser().parse_args([]).step_time
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def two_small_trainings_per_mode(monkeypatch):
+    monkeypatch.setattr(memory_bench, "TASKS", {"digits": (memory_bench.digits_task, 2)})
+    monkeypatch.setattr(memory_bench, "CONFIGS", {"plain": {}})
+    monkeypatch.setattr(memory_bench, "measure_memory", lambda: [])
+
+
+def test_progress_bar_shows_on_a_terminal(two_small_trainings_per_mode, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    memory_bench.run(seeds=2)
+    assert "rmsprop bench-memory" in terminal.getvalue() and "digits plain 8bit seed 1" in terminal.getvalue()
+
+
+def test_not_on_a_terminal_only_the_tables_are_printed(two_small_trainings_per_mode, capsys):
+    assert main(["bench-memory", "--seeds", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert all(line.startswith(("|", "torch ")) for line in captured.out.splitlines() if line)

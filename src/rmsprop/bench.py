@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from rmsprop.optimizer import RMSprop
 
@@ -77,7 +78,7 @@ def transformer_shapes(layers: int, width: int, vocab: int) -> list[tuple[int, .
 
 
 def cases(quick: bool = False) -> list[Case]:
-    """The issue's cases; ``quick`` shrinks them for a smoke test."""
+    """The benchmark's cases; ``quick`` shrinks them for a smoke test (and renames those it shrinks)."""
     big = 1 << 16 if quick else 32 << 20
     transformer = transformer_shapes(2, 32, 256) if quick else transformer_shapes(24, 288, 8192)
     small = [(256,)] * 20 if quick else [(4096,)] * 1000
@@ -300,14 +301,21 @@ def run_benchmark(
     repeats = repeats or (3 if quick else 15)
     compile_torch = (not quick) if compile_torch is None else compile_torch
     chosen = [case for case in cases(quick) if not case_names or case.name in case_names]
+    with_build = device == "cpu" and not quick
     results = []
-    for case in chosen:
-        start = time.perf_counter()
-        results.append(run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch, device=device))
-        print(f"bench: {case.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    fresh = fresh_process_first_step_ms(device)
-    if device == "cpu" and not quick:
-        fresh["first_step_with_build_ms"] = _first_step_with_build_ms()
+    # On a terminal only (disable=None): piped or redirected, stderr stays empty.
+    with tqdm(total=len(chosen) + 1 + with_build, desc="rmsprop bench", unit="stage", disable=None, leave=False) as bar:
+        for case in chosen:
+            bar.set_postfix_str(case.name)
+            results.append(run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch, device=device))
+            bar.update()
+        bar.set_postfix_str("first step in a fresh process")
+        fresh = fresh_process_first_step_ms(device)
+        bar.update()
+        if with_build:
+            bar.set_postfix_str("first step in a fresh process with an empty kernel cache (builds the C++ kernel)")
+            fresh["first_step_with_build_ms"] = _first_step_with_build_ms()
+            bar.update()
     return {
         "machine": {
             "python": platform.python_version(),

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rmsprop import __version__
+from rmsprop.bench import cases
 from rmsprop.compare import TASK_NAMES
 
 
@@ -49,6 +50,15 @@ def _bench_memory(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from rmsprop.bench import main
 
+    names = [case.name for case in cases(args.quick)]
+    unknown = [name for name in args.case or () if name not in names]
+    if unknown:
+        print(
+            f"rmsprop bench: unknown --case {', '.join(map(repr, unknown))}; "
+            f"the {'--quick ' if args.quick else ''}cases are: {'; '.join(map(repr, names))}",
+            file=sys.stderr,
+        )
+        return 2
     return main(
         quick=args.quick,
         json_path=args.json,
@@ -82,16 +92,19 @@ def _build_kernel(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rmsprop",
-        description="RMSProp for PyTorch: demo and tools.",
+        description="RMSProp for PyTorch: a demo, the optimizer-step and optimizer-state benchmarks, "
+        "the study of RMSProp's claims, and the fused CPU kernel's build.",
+        epilog="Run 'rmsprop COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"rmsprop {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
         "demo",
-        help="train the mission document's SimpleNet with RMSprop and compare with torch.optim.RMSprop",
-        description="Train SimpleNet (10->50->1) on random data for a few epochs with "
-        "RMSprop(lr=0.01, alpha=0.9, eps=1e-8), then show torch.optim.RMSprop gives the same losses.",
+        help="train a small net with RMSprop, then with torch.optim.RMSprop: the same losses",
+        description="Train SimpleNet (Linear 10->50, ReLU, Linear 50->1) on random regression data for a few "
+        "epochs with RMSprop(lr=0.01, alpha=0.9, eps=1e-8), then repeat the run with torch.optim.RMSprop "
+        "from the same seed and show that the losses agree.",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed for model and data (default: 0)")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="number of epochs (default: 10)")
@@ -99,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare",
-        help="test RMSProp's claims against Adagrad, Adam and SGD on real tasks; write a report and plots",
+        help="test RMSProp's claims against Adagrad, Adam and SGD on small real tasks; write a report and plots",
         description="Tune each optimizer's learning rate on a log grid (seed 0), train from N more seeds with "
         "the same step budget, and write report.md (tables and a verdict per claim), results.json and PNG plots.",
     )
@@ -124,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench-memory",
         help="state bytes, training quality and step time of bf16 and 8-bit optimizer state against fp32",
         description="Measure optimizer-state bytes per parameter, held-out loss over seeds on digits and a "
-        "char-level LSTM, and step time, for state_precision full, bf16 and 8bit.",
+        "char-level LSTM, and step time, for state_precision full, bf16 and 8bit. Shows a progress bar on "
+        "a terminal; the tables go to standard output.",
     )
     build_bench_parser(bench_memory)
     bench_memory.set_defaults(run=_bench_memory)
@@ -133,19 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time the optimizer step of torch and of every rmsprop path; print a markdown table",
         description="Time torch.optim.RMSprop (for-loop, foreach, torch.compile) and rmsprop.RMSprop "
-        "(for-loop, foreach, fused) on the issue's cases, interleaved in one process, against a "
-        "memory bound measured in the same run. Prints a markdown table and writes JSON.",
+        "(for-loop, foreach, fused) on one large tensor, a transformer's parameter list and many small "
+        "tensors (plain, with momentum, centered, bf16 parameters), interleaved round by round in one "
+        "process on the same tensors, against a memory bound measured in the same rounds. Prints a "
+        "markdown table; --json also writes every round's times. Shows a progress bar on a terminal.",
     )
     bench.add_argument("--quick", action="store_true", help="tiny cases and few steps: a smoke test, not a measurement")
-    bench.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
-    bench.add_argument("--repeats", type=_positive_int, default=None, help="timed steps per implementation (default: 15, quick: 3)")
+    bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON to this file")
+    bench.add_argument("--repeats", type=_positive_int, default=None, metavar="N", help="timed steps per implementation (default: 15, quick: 3)")
     bench.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="include torch.compile of torch's step (default: on, off with --quick); compiling takes seconds to minutes per case",
     )
-    bench.add_argument("--case", action="append", default=None, help="run only this case (by name; repeatable)")
+    bench.add_argument(
+        "--case",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=f"run only this case (repeatable): {'; '.join(repr(case.name) for case in cases())}",
+    )
     bench.add_argument(
         "--device",
         choices=["cpu", "cuda"],

@@ -1,4 +1,4 @@
-"""The mission document's example: a small net trained with RMSProp, checked against torch.
+"""The first example: a small net trained with RMSProp, checked against torch.
 
 ``SimpleNet`` (Linear 10->50, ReLU, Linear 50->1) fits random regression data
 ``X = randn(100, 10)``, ``y = randn(100, 1)`` with MSELoss for 10 epochs of
@@ -39,7 +39,7 @@ def train(
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the example from ``seed``; returns the loss of each epoch."""
-    # Same order of random draws as the mission document: model, then data.
+    # Same order of random draws as examples/simple_net.py: model, then data.
     torch.manual_seed(seed)
     model = SimpleNet()
     criterion = nn.MSELoss()

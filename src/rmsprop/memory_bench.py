@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from rmsprop.optimizer import RMSprop
 from rmsprop.state_precision import UNSIGNED_MAP, dequantize_blockwise, quantize_blockwise, state_bytes
@@ -291,13 +292,19 @@ def run(seeds: int = 3, scale: float = 1.0, threads: int = 1, step_time_only: bo
     sections = [f"torch {torch.__version__}, {threads} thread(s), {seeds} seeds\n", memory_table(measure_memory())]
     if step_time_only:
         return "\n\n".join(sections) + "\n"
+    trainings = [
+        (task, config, mode, seed, max(1, round(scale * steps)))
+        for task, (_, steps) in TASKS.items()
+        for config in CONFIGS
+        for mode in MODES
+        for seed in range(seeds)
+    ]
     runs = []
-    for task, (_, steps) in TASKS.items():
-        for config in CONFIGS:
-            for mode in MODES:
-                for seed in range(seeds):
-                    runs.append(train(task, config, mode, seed, max(1, round(scale * steps))))
-                    print(f"  {task} {config} {mode} seed {seed}: {runs[-1].held_out_loss:.4f}", flush=True)
+    # On a terminal only (disable=None): piped or redirected, stderr stays empty.
+    with tqdm(trainings, desc="rmsprop bench-memory", unit="run", disable=None, leave=False) as bar:
+        for task, config, mode, seed, steps in bar:
+            bar.set_postfix_str(f"{task} {config} {mode} seed {seed}")
+            runs.append(train(task, config, mode, seed, steps))
     sections.append(quality_table(runs))
     ranges = []
     for task in TASKS:

@@ -22,6 +22,8 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "optax": {"lr": 1e-3, "alpha": 0.9, "eps": 1e-8, **_TF_STYLE},
             "keras": {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7, **_TF_STYLE, "decoupled_weight_decay": True},
             "tf1": {"lr": 1e-2, "alpha": 0.9, "eps": 1e-10, **_TF_STYLE, "initial_scale": 1.0},
+            # TF1's root and starting value, torch's momentum (lr outside the buffer) and defaults.
+            "sb3": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "eps_in_sqrt": True, "initial_scale": 1.0},
             "graves": {
                 "lr": 1e-4,
                 "alpha": 0.95,
@@ -41,6 +43,7 @@ PRESET_SOURCES: Mapping[str, str] = MappingProxyType(
         "optax": "optax.rmsprop",
         "keras": "keras.optimizers.RMSprop (Keras 3)",
         "tf1": "tf.compat.v1.train.RMSPropOptimizer and timm's RMSpropTF",
+        "sb3": "stable-baselines3's RMSpropTFLike (sb2_compat), A2C's optimizer for parity with Stable Baselines 2",
         "graves": "Graves (2013), Generating Sequences With Recurrent Neural Networks, eq. 38-41",
     }
 )

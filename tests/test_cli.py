@@ -29,14 +29,37 @@ def test_demo_runs_in_process(capsys):
     assert "Epoch [3/3]" in capsys.readouterr().out
 
 
-def test_build_kernel_loads_the_kernel_and_says_where(capsys):
+def test_build_kernel_says_where_the_kernel_comes_from(capsys):
     assert main(["build-kernel"]) == 0
-    assert "fused CPU kernel ready in" in capsys.readouterr().out
+    assert "fused CPU kernel installed with the package; instruction set" in capsys.readouterr().out
 
 
-def test_build_kernel_fails_clearly_without_a_compiler(capsys, monkeypatch):
-    from rmsprop import _cpp_kernels
+@pytest.fixture
+def kernel_not_installed(monkeypatch, tmp_path):
+    """An installation without the kernel, whose build directory is tmp_path."""
+    from rmsprop import cpu_kernel
 
-    monkeypatch.setattr(_cpp_kernels, "build_problem", lambda: "no C++ compiler ('x') on PATH")
+    monkeypatch.setenv("RMSPROP_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_installed_spec", lambda: None)
+    cpu_kernel._extension.cache_clear()
+    yield
+    cpu_kernel._extension.cache_clear()
+
+
+def test_build_kernel_fails_clearly_without_a_compiler(capsys, monkeypatch, kernel_not_installed):
+    monkeypatch.setenv("CXX", "no-such-compiler")
     assert main(["build-kernel"]) == 1
-    assert "no C++ compiler ('x') on PATH; the fused CPU path will use the numba kernel" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the fused CPU kernel is not built" in err
+    assert "the fused CPU kernel cannot be built here:" in err and "no-such-compiler" in err
+
+
+@pytest.mark.slow
+def test_build_kernel_builds_what_the_install_did_not_and_steps_load_it(capsys, kernel_not_installed, tmp_path):
+    from rmsprop import cpu_kernel
+
+    assert cpu_kernel.kernel() is None
+    assert main(["build-kernel"]) == 0
+    assert f"built by `rmsprop build-kernel` in {cpu_kernel.build_directory()}" in capsys.readouterr().out
+    assert cpu_kernel.build_directory().parent == tmp_path
+    assert cpu_kernel.kernel() is not None

@@ -60,16 +60,20 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _build_kernel(args: argparse.Namespace) -> int:
-    import time
+    import subprocess
 
-    from rmsprop import _cpp_kernels
+    from rmsprop import cpu_kernel
 
-    start = time.perf_counter()
-    problem = _cpp_kernels.build_problem()
-    if problem is not None:
-        print(f"rmsprop: {problem}; the fused CPU path will use the numba kernel", file=sys.stderr)
-        return 1
-    print(f"fused CPU kernel ready in {time.perf_counter() - start:.1f} s: {_cpp_kernels.module().__file__}")
+    if cpu_kernel.kernel() is None:
+        print(f"rmsprop: {cpu_kernel.problem()}; building it in {cpu_kernel.build_directory()}", file=sys.stderr)
+        try:
+            cpu_kernel.build()
+        except (OSError, subprocess.CalledProcessError) as error:
+            details = getattr(error, "stderr", "") or str(error)
+            print(f"rmsprop: the fused CPU kernel cannot be built here: {details.strip()}; "
+                  "CPU steps use torch's paths", file=sys.stderr)
+            return 1
+    print(cpu_kernel.describe())
     return 0
 
 
@@ -150,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     build_kernel = commands.add_parser(
         "build-kernel",
-        help="build (or load) the fused CPU kernel now, e.g. while building a container image",
-        description="Compile the C++ kernel of the fused CPU path into torch's extension cache "
-        "(TORCH_EXTENSIONS_DIR), as the first fused step would, and print where it is; "
-        "exit status 1 if it cannot be built here.",
+        help="check the fused CPU kernel, building it if the install could not, e.g. in a container image",
+        description="Print where the fused CPU kernel comes from and which instruction set it runs. "
+        "Where the package was installed without it (no C++ compiler then), compile it now into "
+        "RMSPROP_KERNEL_DIR (default ~/.cache/rmsprop); exit status 1 if it cannot be built here.",
     )
     build_kernel.set_defaults(run=_build_kernel)
     return parser

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import sysconfig
 import warnings
+import weakref
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +39,8 @@ from rmsprop.state_precision import SIGNED_MAP, STORED, UNSIGNED_MAP, interval_t
 __all__ = [
     "INSTRUCTION_SET_VARIABLE",
     "available_instruction_sets",
+    "gather_group",
+    "run",
     "build",
     "build_directory",
     "describe",
@@ -66,9 +69,14 @@ def build_directory() -> Path:
     return Path(root) / f"cpu-kernel-{kernel_build.source_digest()}"
 
 
+def _installed_spec() -> importlib.machinery.ModuleSpec | None:
+    """The extension built when the package was installed, if it was."""
+    return importlib.util.find_spec("rmsprop._cpu_kernel")
+
+
 def _load_extension() -> tuple[ModuleType | None, str]:
     """The extension and where it came from, or ``None`` and why there is none."""
-    spec = importlib.util.find_spec("rmsprop._cpu_kernel")
+    spec = _installed_spec()
     origin = "installed with the package"
     if spec is None:
         path = build_directory() / f"_cpu_kernel{sysconfig.get_config_var('EXT_SUFFIX')}"
@@ -92,6 +100,10 @@ def _load_extension() -> tuple[ModuleType | None, str]:
             module.select_instruction_set(forced)
         except ValueError as error:
             raise ValueError(f"{INSTRUCTION_SET_VARIABLE}={forced!r}: {error}") from None
+    module.set_torch(
+        Tensor, torch.nn.Parameter, torch.strided, torch.float32, torch.float64, torch.bfloat16, torch.float16,
+        torch.complex64, torch.complex128,
+    )
     module.set_maps(*(array.numpy() for qmap in (SIGNED_MAP, UNSIGNED_MAP) for array in (qmap, interval_table(qmap))))
     return module, origin
 
@@ -145,8 +157,11 @@ def describe() -> str:
 
 
 def build() -> Path:
-    """Compile the kernel into :func:`build_directory` (for an installation built without a compiler)."""
-    return kernel_build.build(build_directory())
+    """Compile the kernel into :func:`build_directory` (for an installation built without a compiler);
+    later calls of :func:`kernel` load it."""
+    path = kernel_build.build(build_directory())
+    _extension.cache_clear()
+    return path
 
 
 def _required() -> ModuleType:
@@ -268,6 +283,43 @@ def step_encoded(params: list[Tensor], states: list[dict], fmt: str, param_indic
     keys = (STORED.index(square), STORED.index("grad_avg"), STORED.index("momentum_buffer"))
     _call(params[0].dtype, fmt, hp, sizes, buffers, entries("step"), param_indices, keys)
     torch.autograd.graph.increment_version(params)
+
+
+# The state keys gather_group reads, made once.
+_GATHERED_KEYS = ("square_avg", "grad_avg", "momentum_buffer", "step")
+
+
+# The last plan of each group of each optimizer: the next gather checks again only what changed.
+_last_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gather_group(optimizer: torch.optim.Optimizer, group_index: int) -> object | str:
+    """The checked tensors of a group's step (a ``Plan`` for :func:`run`), or why there is none.
+
+    Reads each param's gradient and its state in ``optimizer.state`` and
+    checks every tensor as :func:`rmsprop.fused.unsupported_reason` does, in
+    C; params without a gradient are skipped. A param and its state tensors
+    that are the objects the group's last plan checked, at the same
+    addresses, are not checked again (the plan holds them until the next
+    gather); gradients always are. A missing or unfit tensor anywhere, or a
+    param without state, leaves the whole group to the Python gathering.
+    """
+    group = optimizer.param_groups[group_index]
+    plans = _last_plans.setdefault(optimizer, {})
+    plan = _required().gather_group(
+        group["params"], optimizer.state, group["centered"], group["momentum"] > 0, _GATHERED_KEYS, plans.get(group_index)
+    )
+    if isinstance(plan, str):
+        plans.pop(group_index, None)
+    else:
+        plans[group_index] = plan
+    return plan
+
+
+def run(plan: object, hp: Hyperparameters, params: list[Tensor]) -> None:
+    """Step a :func:`gather_group` plan of ``params``' group (increment the steps, apply the rule)."""
+    _required().run_plan(plan, _variant(hp), kernel_scalars(hp, float(hp.lr)), hp.alpha, hp.bias_correction, torch.get_num_threads())
+    torch.autograd.graph.increment_version([p for p in params if p.grad is not None])
 
 
 def stream_step_traffic(

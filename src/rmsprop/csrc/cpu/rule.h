@@ -9,17 +9,36 @@
 // exactly where mul_add is written (where the instruction set has them) and
 // nowhere else (-ffp-contract=off).
 
+// The unsigned integer of C's width.
+template <typename C>
+using Bits = std::conditional_t<sizeof(C) == 8, uint64_t, uint32_t>;
+
 template <typename C>
 struct Constants {
   C lr, alpha, rate, eps_inside, eps_outside, weight_decay, decay_factor, momentum, sign;
-  bool nesterov, lr_in_momentum;
+  // All ones where the flag is set: selects by masks, which GCC vectorises (a condition
+  // in the loop, even a constant one, kept it scalar).
+  Bits<C> nesterov, lr_in_momentum;
 };
 
 template <typename C>
 inline Constants<C> constants_of(const Scalars& s) {
-  return Constants<C>{C(s.lr),           C(s.alpha),        C(s.rate),     C(s.eps_inside), C(s.eps_outside),
-                      C(s.weight_decay), C(s.decay_factor), C(s.momentum), C(s.sign),       s.nesterov,
-                      s.lr_in_momentum};
+  const Bits<C> set = ~Bits<C>(0);
+  return Constants<C>{C(s.lr),           C(s.alpha),        C(s.rate),     C(s.eps_inside),     C(s.eps_outside),
+                      C(s.weight_decay), C(s.decay_factor), C(s.momentum), C(s.sign),           s.nesterov ? set : 0,
+                      s.lr_in_momentum ? set : 0};
+}
+
+// mask ? a : b, bit for bit, for a mask of all ones or zeros.
+template <typename C>
+__attribute__((always_inline)) inline C select(Bits<C> mask, C a, C b) {
+  Bits<C> x, y;
+  std::memcpy(&x, &a, sizeof x);
+  std::memcpy(&y, &b, sizeof y);
+  const Bits<C> chosen = (x & mask) | (y & ~mask);
+  C result;
+  std::memcpy(&result, &chosen, sizeof result);
+  return result;
 }
 
 struct Variant {
@@ -46,6 +65,12 @@ struct BFloat16 {
   uint16_t bits;
 };
 
+// float16 as its bits, converted with integer and float operations that GCC vectorises
+// (it keeps _Float16 conversions scalar without AVX512-FP16).
+struct Half {
+  uint16_t bits;
+};
+
 template <Storage S>
 struct StorageType;
 template <>
@@ -62,7 +87,7 @@ struct StorageType<Storage::BFloat16> {
 };
 template <>
 struct StorageType<Storage::Float16> {
-  using type = _Float16;
+  using type = Half;
 };
 
 template <typename T>
@@ -80,19 +105,50 @@ inline uint32_t float_to_bits(float value) {
   return bits;
 }
 
+// All ones if condition, else zero; and a choice by such a mask. Integer selects that GCC
+// vectorises where a conditional expression mixing types left control flow in the loop.
+inline uint32_t mask(bool condition) { return 0u - uint32_t(condition); }
+inline uint32_t choose(uint32_t mask, uint32_t a, uint32_t b) { return (a & mask) | (b & ~mask); }
+
 inline float widen(float x) { return x; }
 inline double widen(double x) { return x; }
 inline float widen(BFloat16 x) { return bits_to_float(uint32_t(x.bits) << 16); }
-inline float widen(_Float16 x) { return float(x); }
+
+// Exact: the exponent rebiased by a multiplication by 2^112, which also normalises
+// subnormals; infinities and NaNs keep their payload.
+__attribute__((always_inline)) inline float widen(Half x) {
+  const uint32_t magnitude = uint32_t(x.bits & 0x7FFFu) << 13;
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
+  const uint32_t finite = float_to_bits(bits_to_float(magnitude) * 0x1p112f);
+  const uint32_t special = magnitude | 0x7F800000u;
+  return bits_to_float(sign | choose(mask(magnitude >= (0x7C00u << 13)), special, finite));
+}
+
+// Round to nearest even (F. Giesen's float_to_half_fast3_rtne): subnormal results
+// rounded by a float addition, normal ones by integer arithmetic; NaN to 0x7E00.
+__attribute__((always_inline)) inline Half narrow_half(float value) {
+  const uint32_t bits = float_to_bits(value);
+  const uint32_t sign = bits & 0x80000000u;
+  const uint32_t magnitude = bits ^ sign;
+  const uint32_t overflow = choose(mask(magnitude > 0x7F800000u), 0x7E00u, 0x7C00u);
+  const float subnormal_magic = bits_to_float(126u << 23);
+  const uint32_t subnormal = float_to_bits(bits_to_float(magnitude) + subnormal_magic) - (126u << 23);
+  const uint32_t normal = (magnitude + (uint32_t(15 - 127) << 23) + 0xFFFu + ((magnitude >> 13) & 1u)) >> 13;
+  const uint32_t finite = choose(mask(magnitude < (113u << 23)), subnormal, normal);
+  const uint32_t half = choose(mask(magnitude >= (143u << 23)), overflow, finite);
+  return Half{uint16_t(half | (sign >> 16))};
+}
 
 // Round to nearest even, as torch converts (NaN to bfloat16 0x7FC0).
 template <typename T, typename C>
-inline T narrow(C x) {
+__attribute__((always_inline)) inline T narrow(C x) {
   if constexpr (std::is_same_v<T, BFloat16>) {
     const float value = float(x);
     const uint32_t bits = float_to_bits(value);
     const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return BFloat16{uint16_t(value != value ? 0x7FC0u : rounded)};
+    return BFloat16{uint16_t(choose(mask(value != value), 0x7FC0u, rounded))};
+  } else if constexpr (std::is_same_v<T, Half>) {
+    return narrow_half(float(x));
   } else {
     return T(x);
   }
@@ -102,15 +158,23 @@ inline T narrow(C x) {
 // (rmsprop.state_precision.stochastic_round_bf16): up with probability
 // proportional to the dropped bits. NaN stays NaN.
 template <typename C>
-inline BFloat16 round_stochastically(C x, uint64_t seed, int64_t index) {
+__attribute__((always_inline)) inline BFloat16 round_stochastically(C x, uint64_t seed, int64_t index) {
   const float value = float(x);
   const uint32_t noise = uint32_t(random_bits(seed, uint64_t(index)) >> 48);
-  return BFloat16{uint16_t(value != value ? 0x7FC0u : (float_to_bits(value) + noise) >> 16)};
+  return BFloat16{uint16_t(choose(mask(value != value), 0x7FC0u, (float_to_bits(value) + noise) >> 16))};
+}
+
+// clamp_min(x, 0), NaN staying NaN, as a select by mask.
+template <typename C>
+__attribute__((always_inline)) inline C clamp_to_zero(C x) {
+  return select(Bits<C>(0) - Bits<C>(x < 0), C(0), x);
 }
 
 // One element of the rule of rmsprop.functional.
+// Always inlined: a call in a loop keeps it scalar, and GCC's inliner gave up on some
+// of the larger loops.
 template <typename C, Variant V>
-inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k) {
+__attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k) {
   if constexpr (!V.plain) {
     p = p * k.decay_factor;
     g = g * k.sign;
@@ -124,16 +188,16 @@ inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const 
     C mean = m;
     if constexpr (!V.plain) mean = mean * inverse_correction;
     second_moment = mul_add(-mean, mean, second_moment);
-    // clamp_min(0): NaN stays NaN. A select of a constant, which vectorises.
-    second_moment = second_moment < 0 ? C(0) : second_moment;
+    second_moment = clamp_to_zero(second_moment);
   }
   const C u = g / (std::sqrt(second_moment + k.eps_inside) + k.eps_outside);
   if constexpr (V.momentum) {
     // lr_in_momentum: the buffer accumulates lr * u and the step subtracts it as it is.
-    const C increment = k.lr_in_momentum ? k.lr * u : u;
+    // Both forms are computed and one selected.
+    const C increment = select(k.lr_in_momentum, k.lr * u, u);
     b = mul_add(k.momentum, b, increment);
-    const C direction = k.nesterov ? mul_add(k.momentum, b, increment) : b;
-    p = k.lr_in_momentum ? p - direction : mul_add(-k.lr, direction, p);
+    const C direction = select(k.nesterov, mul_add(k.momentum, b, increment), b);
+    p = select(k.lr_in_momentum, p - direction, mul_add(-k.lr, direction, p));
   } else {
     p = mul_add(-k.lr, u, p);
   }
@@ -192,8 +256,7 @@ void bfloat16_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t
     p[i] = narrow<S>(pi);
     const int64_t index = start + i;
     if constexpr (V.centered) {
-      vi = vi - weight_after * (mi * mi);
-      vi = vi < 0 ? C(0) : vi;
+      vi = clamp_to_zero(vi - weight_after * (mi * mi));
       m[i] = round_stochastically(mi, m_seed, index);
     }
     v[i] = round_stochastically(vi, v_seed, index);
@@ -292,7 +355,8 @@ inline void encode_block(float* __restrict values, int64_t count, uint8_t* __res
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     values[i] = values[i] / divisor;
-    uniforms[i] = float(random_bits(seed, uint64_t(first + i)) >> 40) * 0x1p-24f;
+    // Below 2^24, so exact through int32 (AVX2 converts no 64-bit or unsigned integers).
+    uniforms[i] = float(int32_t(random_bits(seed, uint64_t(first + i)) >> 40)) * 0x1p-24f;
   }
   lookup_codes(values, uniforms, count, map, table, codes);
 }
@@ -340,8 +404,7 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
         new_m[i] = float(mi);
       }
       if constexpr (V.momentum) new_b[i] = float(bi);
-      // sqrt(clamp_min(v, 0)), NaN staying NaN.
-      new_v[i] = float(std::sqrt(vi < 0 ? C(0) : vi));
+      new_v[i] = float(std::sqrt(clamp_to_zero(vi)));
     }
     encode_block(new_v, count, v_codes + first, e.square_absmax + block, maps.unsigned_map, maps.unsigned_table,
                  e.seeds[0], first);

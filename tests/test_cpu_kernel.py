@@ -283,3 +283,31 @@ def test_a_state_tensor_moved_to_new_memory_is_stepped_there():
         p.grad = torch.ones_like(p)
     optimizer.step()
     assert not torch.equal(buffer, old)
+
+
+def test_steps_from_two_python_threads_at_once_equal_steps_one_after_the_other():
+    """The kernel releases the GIL: two optimizers stepped from two threads share its thread pool."""
+    import threading
+
+    def trained(threads: bool) -> list[torch.Tensor]:
+        runs = []
+        for seed in (0, 1):
+            params = make_params(torch.float32, [(200_001,)], seed=seed)
+            runs.append((params, RMSprop(params, momentum=0.9)))
+
+        def train(params, optimizer):
+            run_steps(optimizer, params, make_gradients(params, 4), torch.float32)
+
+        if threads:
+            workers = [threading.Thread(target=train, args=run) for run in runs]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        else:
+            for run in runs:
+                train(*run)
+        return [p.detach() for params, _ in runs for p in params]
+
+    for concurrent, serial in zip(trained(True), trained(False), strict=True):
+        assert torch.equal(concurrent, serial)

@@ -78,6 +78,8 @@ class Pool {
       task();
       return;
     }
+    // One task at a time: steps of two Python threads (the GIL released) take turns.
+    std::lock_guard<std::mutex> one_at_a_time(running_);
     {
       std::unique_lock<std::mutex> lock(mutex_);
       while (int(workers_.size()) < helpers) workers_.emplace_back([this, index = int(workers_.size())] { work(index); });
@@ -109,7 +111,7 @@ class Pool {
     }
   }
 
-  std::mutex mutex_;
+  std::mutex mutex_, running_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   const std::function<void()>* task_ = nullptr;

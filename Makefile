@@ -17,7 +17,7 @@ TIMM := timm==1.0.31
 # torch is named with the extras so that none of them can replace the CPU build. --no-compile:
 # Python compiles a module when it is first imported; pip compiling every module of the
 # frameworks (transformers alone has thousands) took most of their install time.
-$(INSTALLED): pyproject.toml Makefile
+$(INSTALLED): pyproject.toml setup.py Makefile $(wildcard src/rmsprop/csrc/cpu/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH) $(TRITON)
 	$(BIN)/pip install --quiet --no-compile $(TORCH) -e '.[test,recipes,docs]'
@@ -39,8 +39,8 @@ bench-memory: $(INSTALLED)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/rmsprop bench-memory
 
-# One pytest worker per core: most of a first run is single-threaded compiling (numba's
-# kernels for each dtype and variant, the C++ kernel, torch.compile), and the workers share it out
+# One pytest worker per core: much of a run is single-threaded compiling (torch.compile,
+# the CPU kernel of the build-kernel test), and the workers share it out
 # (2 cores: 7.3 minutes of tests instead of 11.6).
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -n auto

@@ -3,8 +3,7 @@
 Used by tests/test_fused.py (the CPU kernels through RMSprop) and
 tests/test_triton.py (the Triton kernel in its interpreter); the tolerances
 are explained in tests/test_fused.py. The check of the kernels' machine code
-for packed square roots is shared by tests/test_cpp_kernels.py and
-tests/test_numba_kernels.py.
+for packed square roots is used by tests/test_cpu_kernel.py.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import torch
 from rmsprop import RMSprop, reference
 
 SHAPES = [(3, 5), (7,), (2, 3, 4), (), (0,), (300,)]
-# A tensor over two of the kernel's chunks (rmsprop._numba_kernels.CHUNK elements),
+# A tensor over two of the CPU kernel's chunks (kChunk = 2^16 elements, csrc/cpu/kernel.h),
 # in a few tests only: chunking does not depend on the flags.
 LARGE_SHAPES = [(70_001,), (5,)]
 LRS = [0.05, 0.02, 0.08, 0.03]  # one per step

@@ -21,6 +21,7 @@ from rmsprop.bench import (
     cases,
     markdown_table,
     run_benchmark,
+    state_precision_cases,
     transformer_shapes,
 )
 from rmsprop.cli import main
@@ -52,11 +53,23 @@ def test_quick_bench_prints_a_table_and_writes_json(tmp_path, capsys):
         assert by_name["torch for-loop"]["speedup_vs_torch_for_loop"] == 1.0
         assert by_name["torch foreach"]["speedup_vs_torch_foreach"] == 1.0
 
-    table = capsys.readouterr().out
+    table, precision_table = capsys.readouterr().out.split("State precision:")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0].startswith("| case | implementation | median ms/step")
     assert len(rows) == 1 + len(IMPLEMENTATIONS) * len(report["cases"])
-    assert f"written: {path}" in table
+    assert f"written: {path}" in precision_table
+    # The state-precision cases: our fused step with each format, bitsandbytes' 8-bit where installed.
+    assert [case["case"] for case in report["state_precision"]] == [case.name for case in state_precision_cases(quick=True)]
+    precision_rows = [line for line in precision_table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert precision_rows[0].startswith("| case | state | median ms/step | × our fp32-state step")
+    for case in report["state_precision"]:
+        names = [result["implementation"] for result in case["results"]]
+        assert names[:3] == ["full", "bf16", "8bit"] and set(names[3:]) <= {"bitsandbytes RMSprop8bit"}
+        full = case["results"][0]
+        assert full["times_full"] == 1.0 and full["bytes_ratio"] == 1.0
+        assert all(result["bytes_ratio"] < 1 for result in case["results"][1:])
+    assert len(precision_rows) == 1 + sum(len(case["results"]) for case in report["state_precision"])
+    assert all(row.endswith(("| met |", "| not met |")) for row in precision_rows[1:])
 
 
 def test_bench_cases_count_the_bytes_a_one_pass_step_moves():

@@ -1,6 +1,7 @@
 """Checkpoints: save, load into a fresh model and optimizer, continue; nothing is lost."""
 
 import copy
+import importlib.util
 import io
 import itertools
 from pathlib import Path
@@ -163,6 +164,59 @@ def test_old_checkpoints_keep_loading_and_stepping(version):
     for p, value in expected.items():
         np.testing.assert_allclose(p.detach().numpy(), value, rtol=1e-5, atol=1e-7)
 
+
+
+def _low_precision_fixture():
+    """tests/fixtures/make_low_precision_fixture.py, which builds the model and optimizer of its checkpoint."""
+    spec = importlib.util.spec_from_file_location("make_low_precision_fixture", FIXTURES / "make_low_precision_fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("version", ["0.1.0"])
+def test_low_precision_checkpoints_keep_loading_and_stepping(version, fused):
+    fixture = _low_precision_fixture()
+    checkpoint = torch.load(FIXTURES / f"state_dict_low_precision_v{version}.pt", weights_only=True)
+    model = fixture.make_model()
+    model.load_state_dict(checkpoint["model"])
+    optimizer = fixture.make_optimizer(model, fused=fused)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    # The stored codes and bfloat16 values decode as the version that saved them decoded them.
+    decoded = fixture.decoded_state(optimizer)
+    for values, saved in zip(decoded, checkpoint["decoded"], strict=True):
+        assert values.keys() == saved.keys()
+        for key, value in values.items():
+            torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    # The next step is the rule applied to the decoded state (NumPy oracle).
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = dict(zip(model.parameters(), fixture.next_gradients(model), strict=True))
+    expected = []
+    for p, values in zip(params, decoded, strict=True):
+        group = next(group for group in optimizer.param_groups if any(q is p for q in group["params"]))
+        zeros = np.zeros(p.shape)
+        old_state = reference.RMSpropState(
+            step=int(optimizer.state[p]["step"].item()),
+            square_avg=values["square_avg"].double().numpy(),
+            grad_avg=values["grad_avg"].double().numpy() if "grad_avg" in values else zeros,
+            momentum_buffer=values["momentum_buffer"].double().numpy() if "momentum_buffer" in values else zeros,
+        )
+        settings = {key: group[key] for key in _REFERENCE_SETTINGS}
+        expected.append(reference.step(p.detach().double().numpy(), grads[p].double().numpy(), old_state, **settings)[0])
+    for p, grad in grads.items():
+        p.grad = grad
+    optimizer.step()
+    for p, value in zip(params, expected, strict=True):
+        np.testing.assert_allclose(p.detach().numpy(), value, rtol=1e-5, atol=1e-7)
+    # The per-tensor path continues exactly as the version that saved the checkpoint: same rounding noise.
+    next_step = checkpoint["next_step"]
+    if fused is False:
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, next_step["model"][key], rtol=0, atol=0)
+        for index, state in optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                torch.testing.assert_close(value, next_step["optimizer"]["state"][index][key], rtol=0, atol=0)
 
 _REFERENCE_SETTINGS = (
     "lr",

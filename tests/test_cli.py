@@ -32,32 +32,40 @@ def test_demo_runs_in_process(capsys):
     assert "Epoch [3/3]" in capsys.readouterr().out
 
 
-def test_build_kernel_loads_the_kernel_and_says_where(capsys):
-    from rmsprop import _cpp_kernels
-
-    assert main(["build-kernel"]) == 0  # built now, or before
+def test_build_kernel_says_where_the_kernel_comes_from(capsys):
     assert main(["build-kernel"]) == 0
-    out = capsys.readouterr().out.splitlines()[-1]
-    assert out.startswith("loaded the fused CPU kernel, built before, in ")
-    assert out.endswith(_cpp_kernels.module().__file__)
+    assert "fused CPU kernel installed with the package; instruction set" in capsys.readouterr().out
 
 
-def test_build_kernel_says_when_it_builds(capsys, monkeypatch):
-    from rmsprop import _cpp_kernels
+@pytest.fixture
+def kernel_not_installed(monkeypatch, tmp_path):
+    """An installation without the kernel, whose build directory is tmp_path."""
+    from rmsprop import cpu_kernel
 
-    monkeypatch.setattr(_cpp_kernels, "is_built", lambda: False)
-    assert main(["build-kernel"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"building the fused CPU kernel in {_cpp_kernels.build_directory()}")
-    assert lines[1].startswith("built the fused CPU kernel in ")
+    monkeypatch.setenv("RMSPROP_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_installed_spec", lambda: None)
+    cpu_kernel._extension.cache_clear()
+    yield
+    cpu_kernel._extension.cache_clear()
 
 
-def test_build_kernel_fails_clearly_without_a_compiler(capsys, monkeypatch):
-    from rmsprop import _cpp_kernels
-
-    monkeypatch.setattr(_cpp_kernels, "build_problem", lambda: "no C++ compiler ('x') on PATH")
+def test_build_kernel_fails_clearly_without_a_compiler(capsys, monkeypatch, kernel_not_installed):
+    monkeypatch.setenv("CXX", "no-such-compiler")
     assert main(["build-kernel"]) == 1
-    assert "no C++ compiler ('x') on PATH; the fused CPU path will use the numba kernel" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the fused CPU kernel is not built" in err
+    assert "the fused CPU kernel cannot be built here:" in err and "no-such-compiler" in err
+
+
+@pytest.mark.slow
+def test_build_kernel_builds_what_the_install_did_not_and_steps_load_it(capsys, kernel_not_installed, tmp_path):
+    from rmsprop import cpu_kernel
+
+    assert cpu_kernel.kernel() is None
+    assert main(["build-kernel"]) == 0
+    assert f"built by `rmsprop build-kernel` in {cpu_kernel.build_directory()}" in capsys.readouterr().out
+    assert cpu_kernel.build_directory().parent == tmp_path
+    assert cpu_kernel.kernel() is not None
 
 
 def _help_texts() -> list[str]:

@@ -45,7 +45,7 @@ def _graph_breaks(optimizer_class, flags: dict) -> tuple[int, int]:
     return explanation.graph_count, explanation.graph_break_count
 
 
-# The default (fused=None, foreach=None) and fused=True take the numba kernel
+# The default (fused=None, foreach=None) and fused=True take the CPU kernel
 # eagerly; torch.compile traces the torch ops instead, which it fuses itself.
 PATHS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "default": {}, "fused": {"fused": True}}
 

@@ -27,7 +27,7 @@ import copy
 import pytest
 import torch
 
-import rmsprop._cpp_kernels
+import rmsprop.cpu_kernel
 import rmsprop.fused
 from rmsprop import RMSprop, state_precision
 from rmsprop.fused import unsupported_reason
@@ -335,37 +335,54 @@ def test_missing_backend_names_what_a_cuda_step_needs(monkeypatch):
     assert rmsprop.fused.missing_backend(torch.device("cuda")) == message
 
 
-def test_missing_backend_on_cpu_needs_a_compiler_or_numba(monkeypatch):
-    monkeypatch.setattr(rmsprop.fused, "numba_available", lambda: False)
-    assert rmsprop.fused.missing_backend(torch.device("cpu")) is None
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    assert rmsprop.fused.missing_backend(torch.device("cpu")) == (
-        "no C++ compiler ('no-such-compiler') on PATH: the fused CPU path compiles a C++ kernel, "
-        "as torch.compile does, and numba (the other CPU kernel) is not installed"
-    )
+@pytest.fixture
+def without_the_cpu_kernel(monkeypatch):
+    """An installation whose CPU kernel was not built (no compiler at install time)."""
+    monkeypatch.setattr(rmsprop.cpu_kernel, "_extension", lambda: (None, "the fused CPU kernel is not built (test)"))
+    rmsprop.cpu_kernel.warn_fallback.cache_clear()
+    yield
+    rmsprop.cpu_kernel.warn_fallback.cache_clear()
 
 
-def test_fused_true_without_a_compiler_or_numba_names_the_argument(monkeypatch):
-    monkeypatch.setattr(rmsprop.fused, "numba_available", lambda: False)
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(ValueError, match=r"Invalid fused: True \(no C\+\+ compiler"):
+def test_missing_backend_on_cpu_is_the_unbuilt_kernel_and_warns_once(without_the_cpu_kernel):
+    with pytest.warns(UserWarning, match=r"not built \(test\); CPU steps use torch's foreach and for-loop paths"):
+        assert rmsprop.fused.missing_backend(torch.device("cpu")) == "the fused CPU kernel is not built (test)"
+
+
+@pytest.mark.filterwarnings("ignore:rmsprop. the fused CPU kernel is not built")
+def test_fused_true_without_the_cpu_kernel_names_the_argument(without_the_cpu_kernel):
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(the fused CPU kernel is not built \(test\)"):
         RMSprop([torch.nn.Parameter(torch.ones(2))], fused=True)
 
 
-@pytest.fixture
-def numba_instead_of_cpp(monkeypatch):
-    """The C++ kernel reported unbuildable: the fused CPU path takes the numba kernel."""
-    monkeypatch.setattr(rmsprop._cpp_kernels, "build_problem", lambda: "the C++ kernel failed to build: test")
-    monkeypatch.setattr(rmsprop.fused, "_warn_numba_fallback", lambda reason: None)
-    calls = []
-    original = rmsprop.fused._run_numba
-    monkeypatch.setattr(rmsprop.fused, "_run_numba", lambda *args: (calls.append(1), original(*args)))
-    yield
-    assert calls, "the numba kernel was not called"
+@pytest.mark.filterwarnings("ignore:rmsprop. the fused CPU kernel is not built")
+@pytest.mark.parametrize("mode", ["full", "bf16", "8bit"])
+def test_without_the_cpu_kernel_every_step_takes_the_torch_paths(without_the_cpu_kernel, mode):
+    """fused=None then steps as fused=False, bit for bit, in every state format."""
+    settings = {"momentum": 0.9, "centered": True, "state_precision": mode, "min_8bit_size": 256}
+    results = []
+    for fused in (None, False):
+        params = make_params(torch.float32, [(300,), (7,)])
+        optimizer = RMSprop(params, fused=fused, **settings)
+        run_steps(optimizer, params, make_gradients(params, len(LRS)), torch.float32)
+        results.append([p.detach() for p in params] + state_tensors(optimizer, params))
+    for fallback, torch_path in zip(*results, strict=True):
+        assert torch.equal(fallback, torch_path)
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def instruction_set(request):
+    """Each instruction set the kernel is built for, where this CPU runs it."""
+    if request.param not in rmsprop.cpu_kernel.available_instruction_sets():
+        pytest.skip(f"this CPU does not run {request.param}")
+    chosen = rmsprop.cpu_kernel.instruction_set()
+    rmsprop.cpu_kernel.select_instruction_set(request.param)
+    yield request.param
+    rmsprop.cpu_kernel.select_instruction_set(chosen)
 
 
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::5], ids=combination_id)
-def test_without_the_cpp_kernel_the_numba_kernel_equals_for_loop(numba_instead_of_cpp, flags):
+def test_every_instruction_set_equals_for_loop(instruction_set, flags):
     fused, loop = fused_and_loop(flags, torch.float32, torch.float32)
     for actual, expected in zip(fused, loop, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
@@ -383,21 +400,10 @@ def _step_with_infinite_mean_square(fused: bool) -> torch.Tensor:
     return param.detach().clone()
 
 
-@pytest.mark.parametrize("kernel", ["cpp", "numba"])
-def test_a_negative_infinite_second_moment_is_clamped_to_zero_as_the_for_loop_does(request, kernel):
-    if kernel == "numba":
-        request.getfixturevalue("numba_instead_of_cpp")
+def test_a_negative_infinite_second_moment_is_clamped_to_zero_as_the_for_loop_does(instruction_set):
     expected = _step_with_infinite_mean_square(fused=False)
     assert torch.equal(expected, torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(_step_with_infinite_mean_square(fused=True), expected, rtol=0, atol=0)
-
-
-def test_a_failed_build_warns_once_and_falls_back_to_numba(monkeypatch):
-    monkeypatch.setattr(rmsprop._cpp_kernels, "build_problem", lambda: "the C++ kernel failed to build: test")
-    rmsprop.fused._warn_numba_fallback.cache_clear()
-    with pytest.warns(UserWarning, match="failed to build: test; the fused CPU path uses its numba kernel instead"):
-        assert rmsprop.fused.cpu_kernel() is None
-    rmsprop.fused._warn_numba_fallback.cache_clear()
 
 
 # --- low-precision state ------------------------------------------------------------

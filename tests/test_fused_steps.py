@@ -1,7 +1,7 @@
-"""Steps after the first: the C++ kernel gathers a fused group's tensors itself.
+"""Steps after the first: the CPU kernel gathers a fused group's tensors itself.
 
 From the second step of a full-precision CPU group, ``RMSprop.step`` hands
-the group's params and the optimizer's state mapping to the C++ kernel,
+the group's params and the optimizer's state mapping to the CPU kernel,
 which reads each gradient and state buffer and checks them, or declines the
 group (to the Python gathering, its errors and state creation). Each
 scenario changes something between steps behind the optimizer's back and
@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rmsprop.optimizer
+import rmsprop.cpu_kernel
 from rmsprop import RMSprop
 
 
@@ -169,7 +169,7 @@ def test_a_change_between_steps_is_seen(change, settings):
     _assert_same_run(change, **settings)
 
 
-def test_later_steps_are_gathered_by_the_cpp_kernel_not_in_python(monkeypatch):
+def test_later_steps_are_gathered_by_the_cpu_kernel_not_in_python(monkeypatch):
     params = _params()
     optimizer = RMSprop(params)
     gathered = []
@@ -282,13 +282,13 @@ def test_any_sequence_of_changes_gives_the_for_loop_result(script, settings_inde
     _assert_same_run(change, **settings_[settings_index])
 
 
-def test_a_group_off_the_cpu_never_builds_or_asks_the_cpp_kernel(monkeypatch):
-    def fail():
-        raise AssertionError("the C++ kernel was asked for a group on another device")
+def test_a_group_off_the_cpu_never_asks_the_cpu_kernel(monkeypatch):
+    def fail(*args):
+        raise AssertionError("the CPU kernel was asked for a group on another device")
 
     param = torch.nn.Parameter(torch.ones(3, device="meta"))
     optimizer = RMSprop([param])
-    monkeypatch.setattr(rmsprop.optimizer, "cpu_kernel", fail)
+    monkeypatch.setattr(rmsprop.cpu_kernel, "gather_group", fail)
     for _ in range(2):
         param.grad = torch.ones(3, device="meta")
         optimizer.step()

@@ -3,7 +3,7 @@
 Without a GPU, the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``
 while its module is imported), which executes the same kernel source with
 NumPy on CPU tensors. The ``triton_on_cpu`` fixture hands the fused path's CPU
-tensors to the Triton launcher instead of the C++ kernel, so ``RMSprop(fused=True)``
+tensors to the Triton launcher instead of the CPU kernel, so ``RMSprop(fused=True)``
 steps through the Triton kernel, and the checks of tests/test_fused.py apply
 with its tolerances: against torch's for-loop path (float32 every flag
 combination; bfloat16/float16 against the float32 for-loop rounded each step;
@@ -30,6 +30,7 @@ import torch
 pytest.importorskip("triton")
 
 import rmsprop.fused  # noqa: E402
+import rmsprop.cpu_kernel  # noqa: E402
 import rmsprop.optimizer  # noqa: E402
 from rmsprop import RMSprop  # noqa: E402
 from rmsprop.functional import Hyperparameters  # noqa: E402
@@ -83,7 +84,7 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.fixture
 def triton_on_cpu(monkeypatch):
-    """The fused path's CPU tensors go to the Triton kernel (in the interpreter), not to the C++ kernel.
+    """The fused path's CPU tensors go to the Triton kernel (in the interpreter), not to the CPU kernel.
 
     Yields the chunking of the launches, which a test may change.
     """
@@ -95,8 +96,8 @@ def triton_on_cpu(monkeypatch):
         kernels.rmsprop_step(*lists, hp, float(hp.lr), **chunking)
 
     monkeypatch.setitem(rmsprop.fused._BACKENDS, "cpu", triton_step)
-    # Steps after the first would otherwise go to the C++ kernel, which gathers the tensors itself.
-    monkeypatch.setattr(rmsprop.optimizer, "cpu_kernel", lambda: None)
+    # Steps after the first would otherwise go to the CPU kernel, which gathers the tensors itself.
+    monkeypatch.setattr(rmsprop.cpu_kernel, "kernel", lambda: None)
     yield chunking
     assert calls, "the Triton kernel was not called"
 
@@ -152,7 +153,7 @@ def test_complex_equals_for_loop(two_blocks_per_program, flags, dtype):
 
 @interpreter_only
 def test_bfloat16_is_rounded_to_nearest_even_like_torch(triton_on_cpu):
-    """Exact, as for the numba kernel: one float32 result per element, rounded once (ties to even; NaN)."""
+    """Exact, as for the CPU kernel: one float32 result per element, rounded once (ties to even; NaN)."""
     generator = torch.Generator().manual_seed(0)
     grad = (torch.randn(256, generator=generator) * torch.logspace(-6, 3, 256)).to(torch.bfloat16)
     square_avg = torch.rand(256, generator=generator).to(torch.bfloat16)

@@ -1,7 +1,7 @@
 r"""The Triton kernel of the fused CUDA path: the whole RMSProp step in one pass over memory.
 
 Imported lazily by :mod:`rmsprop.fused` on the first fused step on CUDA
-tensors. It is the GPU twin of :mod:`rmsprop._numba_kernels`: the same rule,
+tensors. It is the GPU twin of the CPU kernel (:mod:`rmsprop.cpu_kernel`): the same rule,
 every flag, each element of ``p``, ``g``, ``v`` (and ``m``, ``b`` where used)
 read once and written once. The flags are ``tl.constexpr``, so each
 combination compiles to straight-line code without the others' branches.
@@ -26,7 +26,7 @@ table, so the step never waits for the GPU.
 
 Elements are computed in float32 (float64 for float64 tensors) with
 correctly rounded division and square root (``div_rn``, ``sqrt_rn``; Triton's
-float32 ``/`` and ``sqrt`` are approximate on GPUs), as the numba kernel
+float32 ``/`` and ``sqrt`` are approximate on GPUs), as the CPU kernel
 computes. bfloat16 travels as its 16-bit pattern and is rounded to nearest
 even with integer operations, as torch rounds: Triton's interpreter, which
 runs this kernel on CPU tensors in the tests (``TRITON_INTERPRET=1``),

@@ -22,12 +22,10 @@ moves (copy bandwidth). CI has no GPU: that mode is never run there.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,9 +36,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rmsprop import cpu_kernel
 from rmsprop.optimizer import RMSprop
 
-__all__ = ["Case", "cases", "main", "markdown_table", "run_benchmark"]
+__all__ = ["Case", "cases", "main", "markdown_table", "run_benchmark", "state_precision_cases", "state_precision_table"]
 
 TORCH_LOOP = "torch for-loop"
 TORCH_FOREACH = "torch foreach"
@@ -114,11 +113,8 @@ def _bound_step(params: list[torch.Tensor], case: Case, state_of: RMSprop) -> Ca
         source = torch.empty(case.bytes_per_step // 8, device=params[0].device)
         target = torch.empty_like(source)
         return lambda: target.copy_(source)
-    from rmsprop.fused import cpu_kernel
-
-    kernel = cpu_kernel()
-    if kernel is None:
-        raise RuntimeError("the memory bound is measured with the C++ kernel's loop, which is not available here")
+    if cpu_kernel.kernel() is None:
+        raise RuntimeError(f"the memory bound is measured with the CPU kernel's loop: {cpu_kernel.problem()}")
 
     def as_float32(tensor: torch.Tensor) -> torch.Tensor:
         # The loop moves float32: a 16-bit tensor's bytes are moved as half as many floats.
@@ -134,7 +130,7 @@ def _bound_step(params: list[torch.Tensor], case: Case, state_of: RMSprop) -> Ca
         buffers("grad_avg"),
         buffers("momentum_buffer"),
     )
-    return lambda: kernel.stream_step_traffic(*tensors)
+    return lambda: cpu_kernel.stream_step_traffic(*tensors)
 
 
 def _implementations(
@@ -260,12 +256,8 @@ def _summary(case: Case, first: dict[str, float], times: dict[str, list[float]])
     return summary
 
 
-def fresh_process_first_step_ms(device: str = "cpu", extensions_dir: str | None = None) -> dict[str, float]:
-    """In a new Python process, the first fused step (importing, loading or compiling the kernel).
-
-    ``extensions_dir`` sets ``TORCH_EXTENSIONS_DIR``: an empty one makes the
-    step build the C++ kernel from source, as on a machine's first run.
-    """
+def fresh_process_first_step_ms(device: str = "cpu") -> dict[str, float]:
+    """In a new Python process, the first fused step (importing and loading the kernel)."""
     sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"
     script = (
         "import time, torch\n"
@@ -276,18 +268,146 @@ def fresh_process_first_step_ms(device: str = "cpu", extensions_dir: str | None 
         f"start = time.perf_counter(); opt.step(); {sync}; second = time.perf_counter() - start\n"
         "print(first * 1e3, second * 1e3)\n"
     )
-    environment = dict(os.environ, **({"TORCH_EXTENSIONS_DIR": extensions_dir} if extensions_dir else {}))
-    output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=environment
-    ).stdout
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     first, second = (float(value) for value in output.split())
     return {"first_step_ms": first, "second_step_ms": second}
 
 
-def _first_step_with_build_ms() -> float:
-    """The first fused CPU step of a fresh process that must build the C++ kernel (empty extension cache)."""
-    with tempfile.TemporaryDirectory() as empty:
-        return fresh_process_first_step_ms("cpu", empty)["first_step_ms"]
+# --- state precision ----------------------------------------------------------------
+
+STATE_PRECISIONS = ("full", "bf16", "8bit")
+BITSANDBYTES = "bitsandbytes RMSprop8bit"
+
+
+def state_precision_cases(quick: bool = False) -> list[Case]:
+    """The cases of the state-precision comparison: fp32 parameters, plain and momentum + centered."""
+    big = 1 << 16 if quick else 32 << 20
+    transformer = transformer_shapes(2, 32, 256) if quick else transformer_shapes(24, 288, 8192)
+    small = [(4096,)] * (20 if quick else 1000)
+    both = {"momentum": 0.9, "centered": True}
+    return [
+        Case("one tensor, 32M" if not quick else "one tensor", [(big,)]),
+        Case("one tensor, 32M, momentum + centered" if not quick else "one tensor, momentum + centered", [(big,)], both),
+        Case("transformer list", transformer),
+        Case("transformer list, momentum + centered", transformer, both),
+        Case("1000 tensors of 4096" if not quick else "small tensors", small),
+    ]
+
+
+def state_bytes_per_step(case: Case, state_precision: str) -> float:
+    """Bytes a one-pass step moves with state stored as ``state_precision`` (fp32 parameters): p read
+    and written, g read, each buffer read and written (8-bit: its codes, and one float32 absmax per
+    256 elements; tensors below 4096 elements keep fp32 state, as the optimizer's default)."""
+    buffers = 1 + (case.settings.get("momentum", 0) > 0) + case.settings.get("centered", False)
+    total = 0.0
+    for shape in case.shapes:
+        n = int(np.prod(shape))
+        per_buffer = {"full": 4.0, "bf16": 2.0, "8bit": 1.0 + 4 / 256 if n >= 4096 else 4.0}[state_precision]
+        total += n * (12 + 2 * buffers * per_buffer)
+    return total
+
+
+def _bitsandbytes_optimizer(params: list[torch.Tensor], case: Case) -> torch.optim.Optimizer | None:
+    """bitsandbytes' 8-bit RMSprop on the same parameters, where it is installed and takes the settings."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    if case.settings.get("centered"):
+        return None  # it refuses centered RMSProp
+    return bitsandbytes.optim.RMSprop8bit(params, lr=LR, momentum=case.settings.get("momentum", 0.0))
+
+
+def run_state_precision_case(case: Case, repeats: int, warmup: int) -> dict[str, Any]:
+    """Our fused step with fp32, bf16 and 8-bit state (and bitsandbytes' 8-bit RMSprop) on the same
+    parameters, round by round, with the fp32 step's memory bound; ratios to our fp32-state step."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in case.shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        fmt: RMSprop(params, lr=LR, fused=True, state_precision=fmt, **case.settings) for fmt in STATE_PRECISIONS
+    }
+    theirs = _bitsandbytes_optimizer(params, case)
+    if theirs is not None:
+        optimizers[BITSANDBYTES] = theirs
+    steps = {name: optimizer.step for name, optimizer in optimizers.items()}
+    first = {name: _timed(step, "cpu") for name, step in steps.items()}
+    steps[BOUND] = _bound_step(params, case, optimizers["full"])
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(steps[name], "cpu"))
+    full_bytes = state_bytes_per_step(case, "full")
+    results = []
+    for name in optimizers:
+        fmt = "8bit" if name == BITSANDBYTES else name
+        results.append(
+            {
+                "implementation": name,
+                "median_ms": statistics.median(times[name]),
+                "times_full": _paired(times, name, "full")["median_ratio"],
+                "times_bound": _paired(times, name, BOUND)["median_ratio"],
+                # The fp32 bound scaled by the bytes this format's step moves: the least it can take.
+                "bytes_ratio": state_bytes_per_step(case, fmt) / full_bytes,
+                "first_call_ms": first[name],
+                "times_ms": times[name],
+            }
+        )
+    return {
+        "case": case.name,
+        "settings": case.settings,
+        "tensors": len(case.shapes),
+        "parameters": case.numel,
+        "bound_ms": statistics.median(times[BOUND]),
+        "bound_times_ms": times[BOUND],
+        "results": results,
+    }
+
+
+# The limit of each format's step time over our fp32-state step; 1000 small tensors have their own.
+_TARGETS = {"bf16": 0.9, "8bit": 1.0}
+_SMALL_TENSOR_TARGET = 1.3
+
+
+def state_precision_table(report: dict[str, Any]) -> str:
+    """The state-precision comparison as markdown, each target marked met or not met."""
+    lines = [
+        "| case | state | median ms/step | × our fp32-state step | × the fp32 memory bound "
+        "| × the bound at its own bytes | target | met |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for case in report["state_precision"]:
+        label = f"{case['case']} ({case['parameters'] / 1e6:.1f}M params, {case['tensors']} tensors; fp32 bound {case['bound_ms']:.2f} ms)"
+        by_name = {result["implementation"]: result for result in case["results"]}
+        for result in case["results"]:
+            name = result["implementation"]
+            own_bound = result["times_bound"] / result["bytes_ratio"]
+            if name == "full":
+                target, met = "≤ 1.1× the bound", result["times_bound"] <= 1.1
+            elif name == BITSANDBYTES:
+                ours = by_name["8bit"]["median_ms"]
+                target, met = "ours ≥ 5× faster", result["median_ms"] >= 5 * ours
+            else:
+                many_small = case["case"].startswith(("1000 tensors", "small tensors"))
+                limit = _SMALL_TENSOR_TARGET if many_small else _TARGETS[name]
+                target, met = f"≤ {limit}× fp32", result["times_full"] <= limit
+            lines.append(
+                f"| {label} | {name} | {result['median_ms']:.2f} | {result['times_full']:.2f} "
+                f"| {result['times_bound']:.2f} | {own_bound:.2f} | {target} | {'met' if met else 'not met'} |"
+            )
+            label = ""
+    return "\n".join(lines)
+
+
+def case_names(quick: bool = False) -> list[str]:
+    """The names ``--case`` accepts: the step cases, and the state-precision ones as ``state precision: <name>``."""
+    return [case.name for case in cases(quick)] + [f"state precision: {case.name}" for case in state_precision_cases(quick)]
 
 
 def run_benchmark(
@@ -301,32 +421,39 @@ def run_benchmark(
     repeats = repeats or (3 if quick else 15)
     compile_torch = (not quick) if compile_torch is None else compile_torch
     chosen = [case for case in cases(quick) if not case_names or case.name in case_names]
-    with_build = device == "cpu" and not quick
     results = []
+    precision_cases = [
+        case
+        for case in (state_precision_cases(quick) if device == "cpu" else [])
+        if not case_names or f"state precision: {case.name}" in case_names
+    ]
+    precision = []
     # On a terminal only (disable=None): piped or redirected, stderr stays empty.
-    with tqdm(total=len(chosen) + 1 + with_build, desc="rmsprop bench", unit="stage", disable=None, leave=False) as bar:
+    with tqdm(total=len(chosen) + len(precision_cases) + 1, desc="rmsprop bench", unit="stage", disable=None, leave=False) as bar:
         for case in chosen:
             bar.set_postfix_str(case.name)
             results.append(run_case(case, repeats, warmup=1 if quick else 3, compile_torch=compile_torch, device=device))
             bar.update()
+        for case in precision_cases:
+            bar.set_postfix_str(f"state precision: {case.name}")
+            precision.append(run_state_precision_case(case, repeats, warmup=1 if quick else 3))
+            bar.update()
         bar.set_postfix_str("first step in a fresh process")
         fresh = fresh_process_first_step_ms(device)
         bar.update()
-        if with_build:
-            bar.set_postfix_str("first step in a fresh process with an empty kernel cache (builds the C++ kernel)")
-            fresh["first_step_with_build_ms"] = _first_step_with_build_ms()
-            bar.update()
     return {
         "machine": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "processor": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
+            "cpu_kernel": cpu_kernel.describe(),
             "quick": quick,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         },
         "fresh_process": fresh,
         "cases": results,
+        "state_precision": precision,
     }
 
 
@@ -334,11 +461,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     """The report as markdown: one table row per (case, implementation)."""
     machine = report["machine"]
     fresh = report["fresh_process"]
-    build = fresh.get("first_step_with_build_ms")
     lines = [
         f"torch {machine['torch']}, {machine['torch_threads']} torch threads, device {machine['device']}. "
-        f"Fused first step in a fresh process (import + kernel load): {fresh['first_step_ms']:.0f} ms"
-        + (f"; with an empty extension cache (C++ build): {build / 1e3:.1f} s." if build else "."),
+        f"Fused first step in a fresh process (import + kernel load): {fresh['first_step_ms']:.0f} ms.",
         "",
         "| case | implementation | median ms/step | q1-q3 ms | × faster than torch for-loop "
         "| × faster than torch foreach | × the memory bound | first call ms |",
@@ -379,6 +504,9 @@ def main(
 ) -> int:
     report = run_benchmark(quick=quick, repeats=repeats, compile_torch=compile_torch, case_names=case_names, device=device)
     print(markdown_table(report))
+    if report["state_precision"]:
+        print("\nState precision: our fused step with fp32, bf16 and 8-bit state (fp32 parameters), round by round:\n")
+        print(state_precision_table(report))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rmsprop import __version__
-from rmsprop.bench import cases
+from rmsprop.bench import case_names
 from rmsprop.compare import TASK_NAMES
 
 
@@ -50,7 +50,7 @@ def _bench_memory(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from rmsprop.bench import main
 
-    names = [case.name for case in cases(args.quick)]
+    names = case_names(args.quick)
     unknown = [name for name in args.case or () if name not in names]
     if unknown:
         print(
@@ -70,22 +70,20 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _build_kernel(args: argparse.Namespace) -> int:
-    import time
+    import subprocess
 
-    from rmsprop import _cpp_kernels
+    from rmsprop import cpu_kernel
 
-    start = time.perf_counter()
-    missing = _cpp_kernels.compiler_missing()
-    built = missing is None and _cpp_kernels.is_built()
-    if missing is None and not built:
-        print(f"building the fused CPU kernel in {_cpp_kernels.build_directory()} (about a minute on 2 cores)...")
-    problem = _cpp_kernels.build_problem()
-    if problem is not None:
-        print(f"rmsprop: {problem}; the fused CPU path will use the numba kernel", file=sys.stderr)
-        return 1
-    seconds = time.perf_counter() - start
-    action = "loaded the fused CPU kernel, built before," if built else "built the fused CPU kernel"
-    print(f"{action} in {seconds:.1f} s: {_cpp_kernels.module().__file__}")
+    if cpu_kernel.kernel() is None:
+        print(f"rmsprop: {cpu_kernel.problem()}; building it in {cpu_kernel.build_directory()}", file=sys.stderr)
+        try:
+            cpu_kernel.build()
+        except (OSError, subprocess.CalledProcessError) as error:
+            details = getattr(error, "stderr", "") or str(error)
+            print(f"rmsprop: the fused CPU kernel cannot be built here: {details.strip()}; "
+                  "CPU steps use torch's paths", file=sys.stderr)
+            return 1
+    print(cpu_kernel.describe())
     return 0
 
 
@@ -166,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="NAME",
-        help=f"run only this case (repeatable): {'; '.join(repr(case.name) for case in cases())}",
+        help=f"run only this case (repeatable): {'; '.join(map(repr, case_names()))}",
     )
     bench.add_argument(
         "--device",
@@ -178,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     build_kernel = commands.add_parser(
         "build-kernel",
-        help="build (or load) the fused CPU kernel now, e.g. while building a container image",
-        description="Compile the C++ kernel of the fused CPU path into torch's extension cache "
-        "(TORCH_EXTENSIONS_DIR), as the first fused step would, and print where it is; "
-        "exit status 1 if it cannot be built here.",
+        help="check the fused CPU kernel, building it if the install could not, e.g. in a container image",
+        description="Print where the fused CPU kernel comes from and which instruction set it runs. "
+        "Where the package was installed without it (no C++ compiler then), compile it now into "
+        "RMSPROP_KERNEL_DIR (default ~/.cache/rmsprop); exit status 1 if it cannot be built here.",
     )
     build_kernel.set_defaults(run=_build_kernel)
     return parser

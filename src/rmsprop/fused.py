@@ -1,110 +1,63 @@
 r"""The fused path: the whole RMSProp step in one pass over memory, on CPU or CUDA.
 
-The for-loop and foreach paths of :mod:`rmsprop.functional` make one pass
-over memory per tensor operation (5 to 9 per step) and allocate temporaries.
-Here one kernel reads each element of ``p``, ``g``, ``v`` (and ``m``, ``b``
-where used) once, applies the whole rule of :mod:`rmsprop.functional` in
-registers and writes ``p``, ``v`` (``m``, ``b``) back: a plain fp32 step moves
-20 bytes per parameter, the minimum. This module checks the tensors and picks
-the kernel by device:
+One kernel reads each element of ``p``, ``g``, ``v`` (and ``m``, ``b`` where
+used) once, applies the whole rule of :mod:`rmsprop.functional` and writes
+them back. This module checks the tensors and picks the kernel by device:
 
-- CPU tensors: a C++ kernel (``csrc/fused_step.cpp``, built on first use by
-  :mod:`rmsprop._cpp_kernels` and cached), all tensors in one call, chunks
-  spread over torch's own intra-op threads. From a group's second step the
-  optimizer hands it the group's params and state mapping, and it gathers
-  and checks the gradients and buffers itself (0.1-0.5 us per param, against
-  ~5 us per tensor in Python). Where no C++ compiler is at hand (or the
-  build fails, with a warning), the numba kernel
-  (:mod:`rmsprop._numba_kernels`, one call per dtype) takes its place; the
-  two give the same results bit for bit.
-- CUDA tensors: a Triton kernel (:mod:`rmsprop._triton_kernels`, one launch
-  per dtype and device).
-
-Each is imported (or built) on its first step.
+- CPU tensors: the CPU kernel (:mod:`rmsprop.cpu_kernel`, built when the
+  package is installed), all tensors of a dtype in one call.
+- CUDA tensors: a Triton kernel (:mod:`rmsprop._triton_kernels`).
 
 Elements are computed in float32 (float64 for float64 tensors), so results
-equal the for-loop path within that type's rounding, not bit for bit: torch
-rounds every intermediate tensor to the parameter's dtype, uses fused
-multiply-adds in some kernels (``add`` with ``alpha``, ``addcmul``, ``lerp``)
-where the CPU kernels use them elsewhere (the C++ and numba kernels at the same
-places, where the machine has them: the moving averages and the parameter
-update) and, on this AVX512 CPU, a float32 ``sqrt`` that is not correctly rounded
-(20% of its results on uniform inputs in [0.1, 1.1) differed by an ulp from
-IEEE ``sqrt``, which the fused kernels use). ``fused=False`` keeps torch's
-numbers bit for bit.
+equal the for-loop path within that type's rounding, not bit for bit.
+``fused=False`` keeps torch's numbers bit for bit.
 
-Supported: dense contiguous CPU tensors (with a C++ compiler or numba) or CUDA
-tensors (with triton installed) of float32, float64, bfloat16, float16,
+Supported: dense contiguous CPU tensors (where the CPU kernel is built) or
+CUDA tensors (with triton installed) of float32, float64, bfloat16, float16,
 complex64 or complex128 (as pairs of reals), parameter, gradient and state of
-one dtype on one device, steps on the CPU (as torch keeps them without
-``capturable``), with every flag of the rule. The Triton kernel computes as
-the numba kernel does (same types, correctly rounded division and square
-root). :func:`unsupported_reason` says why other inputs are not; the
-optimizer then falls back to the other paths.
+one dtype on one device, steps on the CPU, with every flag of the rule.
+:func:`unsupported_reason` says why other inputs are not; the optimizer then
+falls back to the other paths.
 
-Low-precision state (:mod:`rmsprop.state_precision`) has kernels of its own,
-which decode the stored state, apply the same rule and encode it again in the
-same pass (:func:`fused_rmsprop_encoded`): bfloat16 state element by element,
-8-bit state block by block (decode with the map and absmax, update, reduce the
-block's new absmax, encode). The rounding noise is
-:func:`rmsprop.state_precision.rounding_bits`, counter-based, so the kernels
-draw for each element the bits that the per-tensor path draws for it: the two
-agree within float32 rounding, except where that rounding moves a value across
-a stochastic rounding threshold (one code, or one bfloat16 ulp, in rare elements).
+Low-precision state (:mod:`rmsprop.state_precision`) is decoded, updated and
+encoded again in the same pass (:func:`fused_rmsprop_encoded`) with the
+noise of :func:`rmsprop.state_precision.rounding_bits`: the kernel and the
+per-tensor path agree within float32 rounding, except where that rounding
+moves a value across a stochastic rounding threshold. On CUDA, low-precision
+state takes the per-tensor path. The design: docs/design/cpu-kernel.md.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from collections.abc import Callable
 from functools import cache
 from operator import attrgetter
 from types import ModuleType
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from rmsprop import _cpp_kernels
+from rmsprop import cpu_kernel
 from rmsprop.functional import Hyperparameters
-from rmsprop.state_precision import SIGNED_MAP, UNSIGNED_MAP, interval_table, num_blocks, stored_keys
+from rmsprop.state_precision import num_blocks, stored_keys
 
 __all__ = [
-    "cpu_hyperparameters",
-    "cpu_kernel",
     "encoded_unsupported_reason",
     "fused_rmsprop",
     "fused_rmsprop_encoded",
-    "kernel_scalars",
     "missing_backend",
-    "numba_available",
     "triton_available",
     "unsupported_dtype_or_layout",
     "unsupported_reason",
 ]
 
-# Tensor dtype -> (array type the kernel sees, type elements are computed in).
-# bfloat16 and float16 travel as 16-bit integers (see rmsprop._numba_kernels).
-_KERNEL_TYPES = {
-    torch.float32: (np.float32, np.float32),
-    torch.float64: (np.float64, np.float64),
-    torch.bfloat16: (np.uint16, np.float32),
-    torch.float16: (np.int16, np.float32),
-}
-_REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
-_STEP_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
-_SUPPORTED_DTYPES = _KERNEL_TYPES.keys() | _REAL_OF_COMPLEX.keys()
+_REAL_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
+_STEP_DTYPES = {torch.float32, torch.float64}
+_SUPPORTED_DTYPES = _REAL_DTYPES | {torch.complex64, torch.complex128}
 _PLAIN_TYPES = {Tensor, torch.nn.Parameter}
 _DTYPE, _SHAPE, _LAYOUT, _IS_CPU, _DEVICE = (attrgetter(name) for name in ("dtype", "shape", "layout", "is_cpu", "device"))
 _DEVICE_TYPES = {"cpu", "cuda"}
-
-
-@cache
-def numba_available() -> bool:
-    """Whether numba can be imported (checked without importing it)."""
-    return importlib.util.find_spec("numba") is not None
 
 
 @cache
@@ -114,22 +67,13 @@ def triton_available() -> bool:
 
 
 def missing_backend(device: torch.device) -> str | None:
-    """Why the fused kernel for ``device`` cannot run here (its compiler is not installed), or ``None``."""
-    if device.type == "cpu" and not numba_available():
-        missing = _cpp_kernels.compiler_missing()
-        if missing is not None:
-            return f"{missing}, and numba (the other CPU kernel) is not installed"
+    """Why the fused kernel for ``device`` cannot run here (not built, or triton not installed), or ``None``."""
+    if device.type == "cpu" and cpu_kernel.problem() is not None:
+        cpu_kernel.warn_fallback()
+        return cpu_kernel.problem()
     if device.type == "cuda" and not triton_available():
         return "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"
     return None
-
-
-@cache
-def _kernels() -> ModuleType:
-    """The numba kernels, imported on the first fused step (importing numba takes ~1 s)."""
-    from rmsprop import _numba_kernels
-
-    return _numba_kernels
 
 
 @cache
@@ -173,8 +117,8 @@ def unsupported_reason(
 
     The kernels write through raw pointers, so every tensor is checked: its
     device, layout, dtype, contiguity and shape. The optimizer calls this for a
-    group the C++ kernel's own gathering declined (its first step, or a change
-    it cannot take); the C++ kernel's checks are the same.
+    group the CPU kernel's own gathering declined (its first step, or a change
+    it cannot take); that gathering checks the same.
     """
     if differentiable:
         return "differentiable=True needs autograd through the step"
@@ -219,7 +163,7 @@ def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_step
     ):
         return False
     return (
-        set(map(_DTYPE, state_steps)) <= _STEP_TYPES.keys()
+        set(map(_DTYPE, state_steps)) <= _STEP_DTYPES
         and all(map(_IS_CPU, state_steps))
         and set(map(Tensor.numel, state_steps)) <= {1}
     )
@@ -247,7 +191,7 @@ def _first_unsupported(params: list[Tensor], buffers: dict[str, list[Tensor]], s
 
 def _step_fits(step: Tensor) -> bool:
     """Whether the kernels can read and increment this 'step' tensor."""
-    return step.device.type == "cpu" and step.dtype in _STEP_TYPES and step.numel() == 1
+    return step.device.type == "cpu" and step.dtype in _STEP_DTYPES and step.numel() == 1
 
 
 def fused_rmsprop(
@@ -281,91 +225,9 @@ def fused_rmsprop(
 TensorLists = tuple[list[Tensor], ...]
 
 
-def cpu_kernel() -> ModuleType | None:
-    """The C++ kernel (:mod:`rmsprop._cpp_kernels`), built or loaded on first use; ``None`` where it cannot be built."""
-    problem = _cpp_kernels.build_problem()
-    if problem is not None:
-        _warn_numba_fallback(problem)
-        return None
-    return _cpp_kernels.module()
-
-
-@cache
-def _warn_numba_fallback(reason: str) -> None:
-    if numba_available():
-        warnings.warn(f"rmsprop: {reason}; the fused CPU path uses its numba kernel instead", stacklevel=3)
-
-
-def cpu_hyperparameters(kernel: ModuleType, hp: Hyperparameters) -> Any:
-    """``hp`` as the C++ kernel takes it (a tensor lr as its value)."""
-    return kernel.Hyperparameters(
-        float(hp.lr),
-        float(hp.alpha),
-        float(hp.eps),
-        float(hp.weight_decay),
-        float(hp.momentum),
-        hp.maximize,
-        hp.eps_in_sqrt,
-        hp.decoupled_weight_decay,
-        hp.bias_correction,
-        hp.nesterov,
-        hp.lr_in_momentum,
-    )
-
-
 def _run_cpu(lists: TensorLists, hp: Hyperparameters) -> None:
-    """The C++ kernel, or the numba kernel where no C++ compiler is at hand."""
-    kernel = cpu_kernel()
-    if kernel is None:
-        _run_numba(lists, hp)
-        return
-    plan = kernel.gather_tensors(*lists)
-    if isinstance(plan, str):
-        raise RuntimeError(f"the fused CPU kernel cannot take these tensors: {plan}")
-    kernel.run(plan, cpu_hyperparameters(kernel, hp))
-
-
-def _run_numba(lists: TensorLists, hp: Hyperparameters) -> None:
-    """One numba kernel call over CPU tensors of one dtype (see :func:`rmsprop._numba_kernels.rmsprop_step`)."""
-    if not numba_available():
-        raise RuntimeError(f"the fused CPU path has no kernel: {_cpp_kernels.build_problem()}, and numba is not installed")
-    params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps = lists
-    kernels = _kernels()
-    _match_torch_threads()
-    dtype = params[0].dtype
-    storage, compute = _KERNEL_TYPES[_REAL_OF_COMPLEX.get(dtype, dtype)]
-    # Complex tensors are updated as pairs of reals, like the for-loop path.
-    sizes = np.fromiter(map(Tensor.numel, params), np.int64, len(params)) * (2 if dtype.is_complex else 1)
-    kernels.rmsprop_step(
-        _addresses(params),
-        _addresses(grads),
-        _addresses(square_avgs),
-        _addresses(grad_avgs) if grad_avgs else None,
-        _addresses(momentum_buffers) if momentum_buffers else None,
-        sizes,
-        _addresses(state_steps),
-        np.empty(0, storage),
-        np.empty(0, _STEP_TYPES[state_steps[0].dtype]),
-        kernel_scalars(hp, float(hp.lr), compute),
-        *_kernel_flags(hp),
-    )
-    # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
-    torch.autograd.graph.increment_version(params)
-
-
-def _kernel_flags(hp: Hyperparameters) -> tuple[float, bool, bool, bool, bool]:
-    """The numba kernels' arguments after ``scalars``: alpha as a float64 (for the bias correction) and the flags."""
-    return (
-        float(hp.alpha),
-        hp.weight_decay != 0 and not hp.decoupled_weight_decay,
-        hp.bias_correction,
-        hp.nesterov,
-        hp.lr_in_momentum,
-    )
-
-
-def _addresses(tensors: list[Tensor]) -> np.ndarray:
-    return np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
+    """One CPU kernel call over tensors of one dtype and step dtype (see :func:`rmsprop.cpu_kernel.step`)."""
+    cpu_kernel.step(*lists, hp)
 
 
 def _run_triton(lists: TensorLists, hp: Hyperparameters) -> None:
@@ -386,7 +248,7 @@ def encoded_unsupported_reason(p: Tensor, state: dict, fmt: str) -> str | None:
         return reason
     if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
         return f"the gradient is {p.grad.dtype} of shape {tuple(p.grad.shape)}, the parameter {p.dtype} of shape {tuple(p.shape)}"
-    if fmt != "wide" and p.dtype not in _KERNEL_TYPES:
+    if fmt != "wide" and p.dtype not in _REAL_DTYPES:
         return f"the parameter is {p.dtype}; low-precision state is fused for float32, float64, bfloat16 and float16"
     if not _step_fits(state["step"]):
         return "its 'step' is not a 1-element float32 or float64 CPU tensor"
@@ -418,18 +280,15 @@ def _unsupported_entry(tensor: Tensor, key: str, dtype: torch.dtype, shape: tupl
 def fused_rmsprop_encoded(
     params: list[Tensor], states: list[dict], formats: list[str], param_indices: list[int], hp: Hyperparameters
 ) -> None:
-    """One RMSProp step of ``params`` whose state is stored as ``formats`` (see :func:`encoded_unsupported_reason`),
+    """One RMSProp step of CPU ``params`` whose state is stored as ``formats`` (see :func:`encoded_unsupported_reason`),
     with every buffer the settings use and no other; ``param_indices`` seed the rounding noise.
 
     State of the parameter's own dtype (``"wide"`` state of float32, float64
     and complex parameters) goes to :func:`fused_rmsprop`; the rest to one
-    low-precision kernel call per kind of storage.
+    kernel call per parameter dtype, format and step dtype.
     """
     if not params:
         return
-    kernels = _kernels()
-    _match_torch_threads()
-    lr = float(hp.lr)
     full = [i for i, (p, fmt) in enumerate(zip(params, formats, strict=True)) if fmt == "wide" and p.dtype not in _HALF]
     if full:
         chosen = [states[i] for i in full]
@@ -443,90 +302,13 @@ def fused_rmsprop_encoded(
             hp,
         )
     encoded = sorted(set(range(len(params))) - set(full))
-    kinds = [(params[i].dtype, formats[i], states[i]["step"].dtype) for i in encoded]
-    for dtype, fmt, step_dtype in set(kinds):
-        chosen = [i for i, kind in zip(encoded, kinds, strict=True) if kind == (dtype, fmt, step_dtype)]
-
-        def addresses(key: str) -> np.ndarray | None:
-            if (key == "grad_avg" and not hp.centered) or (key == "momentum_buffer" and hp.momentum == 0):
-                return None
-            return _addresses([states[i][key] for i in chosen])
-
-        storage, compute = _KERNEL_TYPES[dtype]
-        square_key = "grad_variance" if hp.centered and fmt != "wide" else "square_avg"
-        chosen_params = [params[i] for i in chosen]
-        common = (
-            np.array([p.numel() for p in chosen_params], np.int64),
-            addresses("step"),
-            np.array([param_indices[i] for i in chosen], np.int64),
+    # "wide" state of a 16-bit parameter is float32.
+    kinds = [(params[i].dtype, "float32" if formats[i] == "wide" else formats[i], states[i]["step"].dtype) for i in encoded]
+    for kind in dict.fromkeys(kinds):
+        chosen = [i for i, other in zip(encoded, kinds, strict=True) if other == kind]
+        cpu_kernel.step_encoded(
+            [params[i] for i in chosen], [states[i] for i in chosen], kind[1], [param_indices[i] for i in chosen], hp
         )
-        flags = _kernel_flags(hp)
-        grads = _addresses([p.grad for p in chosen_params])
-        param_addresses = _addresses(chosen_params)
-        if fmt == "8bit":
-            kernels.rmsprop_step_8bit(
-                param_addresses,
-                grads,
-                addresses(square_key),
-                addresses(square_key + "_absmax"),
-                addresses("grad_avg"),
-                addresses("grad_avg_absmax") if hp.centered else None,
-                addresses("momentum_buffer"),
-                addresses("momentum_buffer_absmax") if hp.momentum > 0 else None,
-                *common,
-                np.empty(0, storage),
-                np.empty(0, _STEP_TYPES[step_dtype]),
-                kernel_scalars(hp, lr, compute),
-                *flags,
-                *_MAPS["signed"],
-                *_MAPS["unsigned"],
-            )
-        else:
-            state_storage = np.uint16 if fmt == "bf16" else np.float32
-            kernels.rmsprop_step_bf16(
-                param_addresses,
-                grads,
-                addresses(square_key),
-                addresses("grad_avg"),
-                addresses("momentum_buffer"),
-                *common,
-                np.empty(0, storage),
-                np.empty(0, state_storage),
-                np.empty(0, _STEP_TYPES[step_dtype]),
-                kernel_scalars(hp, lr, compute),
-                *flags,
-            )
-    torch.autograd.graph.increment_version(params)
-
-
-# Each map with the table of its code lookup.
-_MAPS = {
-    "signed": (SIGNED_MAP.numpy(), interval_table(SIGNED_MAP).numpy()),
-    "unsigned": (UNSIGNED_MAP.numpy(), interval_table(UNSIGNED_MAP).numpy()),
-}
-
-
-def kernel_scalars(hp: Hyperparameters, lr: float, compute: type) -> np.ndarray:
-    """The rule's numbers, in the order of ``_numba_kernels``'s indices, as the compute type.
-
-    Options that only change numbers are folded into them, which keeps one
-    kernel for them all without changing any result: the sign of the
-    gradient (maximize), ``1 - lr*wd`` (1 without decoupled weight decay) and
-    the eps added inside or outside the square root (0 for the other place).
-    """
-    kernels = _kernels()
-    scalars = np.empty(kernels.NUM_SCALARS, compute)
-    decoupled = hp.decoupled_weight_decay and hp.weight_decay != 0
-    scalars[kernels.LR] = lr
-    scalars[kernels.ALPHA] = hp.alpha
-    scalars[kernels.RATE] = 1 - hp.alpha
-    scalars[kernels.EPS_INSIDE] = hp.eps if hp.eps_in_sqrt else 0.0
-    scalars[kernels.EPS_OUTSIDE] = 0.0 if hp.eps_in_sqrt else hp.eps
-    scalars[kernels.WEIGHT_DECAY] = hp.weight_decay
-    scalars[kernels.DECAY_FACTOR] = 1 - lr * hp.weight_decay if decoupled else 1.0
-    scalars[kernels.MOMENTUM] = hp.momentum
-    scalars[kernels.SIGN] = -1.0 if hp.maximize else 1.0
-    return scalars
 
 
 def _split_by_device_and_dtype(params: list[Tensor], state_steps: list[Tensor]) -> list[tuple[tuple, list[int] | None]]:
@@ -538,10 +320,3 @@ def _split_by_device_and_dtype(params: list[Tensor], state_steps: list[Tensor]) 
     for i, kind in enumerate(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, state_steps), strict=True)):
         positions.setdefault(kind, []).append(i)
     return list(positions.items())
-
-
-def _match_torch_threads() -> None:
-    """Use as many threads as torch does (``torch.set_num_threads``), within numba's pool."""
-    import numba
-
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))

@@ -19,15 +19,13 @@ from torch.optim.optimizer import (
     _use_grad_for_differentiable,
 )
 
+from rmsprop import cpu_kernel
 from rmsprop import state_precision as low_precision
 from rmsprop.functional import Hyperparameters, rmsprop
 from rmsprop.fused import (
-    cpu_hyperparameters,
-    cpu_kernel,
     encoded_unsupported_reason,
     fused_rmsprop_encoded,
     missing_backend,
-    numba_available,
     unsupported_dtype_or_layout,
     unsupported_reason,
 )
@@ -110,12 +108,12 @@ class RMSprop(Optimizer):
         min_8bit_size (int): with ``"8bit"``, tensors with fewer elements
             keep fp32 state (default: 4096, as bitsandbytes).
         fused (bool, optional): the one-pass kernel of :mod:`rmsprop.fused`
-            (C++ on CPU, built on first use, or numba without a compiler;
+            (the CPU kernel built at install, :mod:`rmsprop.cpu_kernel`;
             Triton on CUDA), several times faster than the other paths on
             CPU, equal to them within rounding of the compute type. ``None``
             takes it where it supports the tensors (dense contiguous CPU or
-            CUDA tensors of float or complex dtype, with a C++ compiler,
-            numba or triton) and ``foreach`` is ``None``; ``True``
+            CUDA tensors of float or complex dtype, where the CPU kernel is
+            built or triton installed) and ``foreach`` is ``None``; ``True``
             requires it (default: None). bf16 and 8-bit state have CPU
             kernels of their own, from a parameter's second step on. Under
             ``torch.compile`` the step is traced through the torch ops
@@ -351,7 +349,7 @@ class RMSprop(Optimizer):
         return has_complex
 
     def _gathered_fused_groups(self) -> dict[int, Any]:
-        """Plans of the full-precision fused groups whose CPU tensors the C++ kernel gathered and checked itself.
+        """Plans of the full-precision fused groups whose CPU tensors the CPU kernel gathered and checked itself.
 
         The kernel reads each param's gradient and state and checks them all
         (0.1-0.5 us per param); it declines a group with a missing, sparse,
@@ -362,19 +360,17 @@ class RMSprop(Optimizer):
         # Low-precision groups may have their state converted before the step.
         if torch.compiler.is_compiling() or getattr(self, "_low_precision_used", True) or not isinstance(self.state, dict):
             return plans
-        kernel = None
         for group_index, group in enumerate(self.param_groups):
             if group["state_precision"] != "full" or group["differentiable"] or group["capturable"]:
                 continue
-            # A CUDA group goes to the Triton kernel: no C++ build, no gathering to refuse.
+            # A CUDA group goes to the Triton kernel: no gathering to refuse.
             if not (_fused_wanted(group) and group["params"] and group["params"][0].is_cpu):
                 continue
-            kernel = kernel or cpu_kernel()
-            if kernel is None:
+            if cpu_kernel.kernel() is None:
                 break
-            plan = kernel.gather_group(group["params"], self.state, group["centered"], group["momentum"] > 0)
+            plan = cpu_kernel.gather_group(self, group_index)
             if not isinstance(plan, str):
-                plans[group_index] = (kernel, plan)
+                plans[group_index] = plan
         return plans
 
     def _check_no_sparse_grads(self, skip: Iterable[int] = ()) -> None:
@@ -429,8 +425,9 @@ class RMSprop(Optimizer):
         if not torch.compiler.is_compiling():
             # The fused path has checked its tensors already: it runs only where they fit.
             self._check_state_fits_params(index for index, tensors, fused in prepared if tensors and not fused)
-        for group_index, (kernel, plan) in gathered.items():
-            kernel.run(plan, cpu_hyperparameters(kernel, Hyperparameters.from_group(self.param_groups[group_index])))
+        for group_index, plan in gathered.items():
+            group = self.param_groups[group_index]
+            cpu_kernel.run(plan, Hyperparameters.from_group(group), group["params"])
         for group_index, tensors, fused in prepared:
             group = self.param_groups[group_index]
             if tensors is None:
@@ -461,7 +458,7 @@ class RMSprop(Optimizer):
         tensor the kernels cannot take raises ``RuntimeError``.
         """
         group = self.param_groups[group_index]
-        if not _fused_wanted(group) or not numba_available():
+        if not _fused_wanted(group) or cpu_kernel.kernel() is None:
             return []
         chosen = []
         first = self._first_param_index(group_index)

@@ -230,7 +230,7 @@ def rounding_bits(seed: int, shape: torch.Size | tuple[int, ...], device: torch.
     SplitMix64 from state ``seed``.
 
     Counter-based, so any element's bits can be computed on their own: the
-    fused kernel (:mod:`rmsprop._numba_kernels`) draws the same bits for the
+    fused kernel (:mod:`rmsprop.cpu_kernel`) draws the same bits for the
     same element, block by block. int64 arithmetic wraps as uint64 does.
     """
     numel = math.prod(shape)

@@ -1,0 +1,48 @@
+"""Builds the fused CPU kernel (src/rmsprop/csrc/cpu) at install time; everything else is in pyproject.toml.
+
+Each instruction set's translation unit gets its own flags, so one build runs
+the best code of any x86-64 CPU (AVX-512, AVX2 or neither, chosen at run time).
+It needs a C++20 compiler and the Python headers, not torch. Without a
+compiler the package still installs and steps with torch's paths (rmsprop.cpu_kernel).
+"""
+
+import importlib.util
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+_spec = importlib.util.spec_from_file_location("kernel_build", Path(__file__).parent / "src/rmsprop/kernel_build.py")
+kernel_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernel_build)
+
+SOURCES = Path("src/rmsprop/csrc/cpu")
+
+
+class BuildKernel(build_ext):
+    """Compiles each translation unit with its instruction set's flags."""
+
+    def build_extension(self, extension: Extension) -> None:
+        include = [str(SOURCES)]
+        objects = []
+        units = {kernel_build.MODULE_SOURCE: [], **kernel_build.INSTRUCTION_SET_FLAGS}
+        for name, flags in units.items():
+            if flags is None:
+                continue
+            objects += self.compiler.compile(
+                [str(SOURCES / name)],
+                output_dir=self.build_temp,
+                include_dirs=include,
+                extra_postargs=kernel_build.COMMON_FLAGS + flags,
+            )
+        extension.sources = []
+        extension.extra_objects = objects
+        extension.extra_link_args = ["-lstdc++", "-lpthread"]
+        super().build_extension(extension)
+
+
+setup(
+    # optional: where it fails to build (no compiler), setuptools warns and installs the rest.
+    ext_modules=[Extension("rmsprop._cpu_kernel", sources=[str(SOURCES / kernel_build.MODULE_SOURCE)], optional=True)],
+    cmdclass={"build_ext": BuildKernel},
+)

@@ -1,0 +1,29 @@
+// The rule compiled for one instruction set (setup.py passes its flags), or nothing where
+// the compiler was not given them; module.cpp picks one at run time.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "kernel.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace rmsprop_kernel {
+namespace avx2 {
+#include "rule.h"
+}  // namespace avx2
+
+ChunkFunction chunk_function_avx2(Storage storage, Format format, unsigned variant) {
+  return avx2::chunk_function(storage, format, variant);
+}
+}  // namespace rmsprop_kernel
+#else
+namespace rmsprop_kernel {
+ChunkFunction chunk_function_avx2(Storage, Format, unsigned) { return nullptr; }
+}  // namespace rmsprop_kernel
+#endif

@@ -1,0 +1,105 @@
+// The CPU kernel's job description, shared by the Python module (module.cpp)
+// and the rule compiled once per instruction set (rule.h, isa_*.cpp).
+// Plain C++: no Python or torch headers, so each instruction set's unit
+// compiles in seconds.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace rmsprop_kernel {
+
+// How a tensor's elements are stored. Complex tensors travel as their real type, twice as long.
+enum class Storage : uint8_t { Float32, Float64, BFloat16, Float16 };
+
+// How the state buffers are stored (rmsprop.state_precision): as the parameter (Same),
+// float32 beside a 16-bit parameter (Float32), bfloat16 rounded stochastically, or 8-bit blocks.
+enum class Format : uint8_t { Same, Float32, BFloat16, Blockwise8bit };
+
+// Which code a step runs, compiled for each: the buffers present and the form of weight decay.
+enum VariantBit : unsigned {
+  kCentered = 1,
+  kMomentum = 2,
+  // decay_factor, sign and the bias correction are all 1 and weight decay is not coupled.
+  kPlain = 4,
+  kCoupledWeightDecay = 8,
+};
+constexpr unsigned kVariants = 16;
+
+// Coupled weight decay only outside a plain step.
+constexpr unsigned normalized(unsigned bits) { return bits & kPlain ? bits & ~kCoupledWeightDecay : bits; }
+
+// The rule's numbers; maximize, both weight decays and the eps placement folded in
+// (rmsprop.cpu_kernel.kernel_scalars).
+// nesterov and lr_in_momentum are selects inside the loop, not variants: each variant
+// compiled for them would multiply the build time by 3 for no measurable speed.
+struct Scalars {
+  double lr, alpha, rate, eps_inside, eps_outside, weight_decay, decay_factor, momentum, sign;
+  bool nesterov, lr_in_momentum;
+};
+
+// One tensor's share of a step; buffers and absmax pointers unused by the job are null.
+struct Entry {
+  int64_t size;
+  void* param;
+  const void* grad;
+  void* square;  // square_avg, or grad_variance in centered low-precision state
+  void* grad_avg;
+  void* momentum;
+  float* square_absmax;
+  float* grad_avg_absmax;
+  float* momentum_absmax;
+  // 1 / (1 - alpha^t) after this step (1 without bias correction), and the weights of
+  // grad_avg^2 in grad_variance before and after it (rmsprop.state_precision.mean_weight).
+  double inverse_correction, weight_before, weight_after;
+  // Seeds of the rounding noise of square, grad_avg and momentum (rmsprop.state_precision.rounding_seed).
+  uint64_t seeds[3];
+};
+
+// The dynamic maps of 8-bit state with their code lookup tables (rmsprop.state_precision.interval_table).
+struct Maps {
+  const float* signed_map;
+  const int32_t* signed_table;
+  const float* unsigned_map;
+  const int32_t* unsigned_table;
+};
+
+struct Job {
+  Storage storage;
+  Format format;
+  unsigned variant;  // VariantBit flags, normalized
+  Scalars scalars;
+  Maps maps;
+  std::vector<Entry> entries;
+};
+
+// Steps elements [start, end) of one entry; start is a multiple of kBlock.
+using ChunkFunction = void (*)(const Job&, const Entry&, int64_t start, int64_t end);
+
+// Elements per block of 8-bit state (rmsprop.state_precision.BLOCK_SIZE).
+constexpr int64_t kBlock = 256;
+// Elements per work item of the threads: a multiple of kBlock.
+constexpr int64_t kChunk = 1 << 16;
+
+// SplitMix64's constants, as rmsprop.state_precision.rounding_bits uses them.
+constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
+constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ull;
+constexpr uint64_t kMix2 = 0x94D049BB133111EBull;
+// The 8-bit code lookup's shift (rmsprop.state_precision.KEY_SHIFT).
+constexpr int kKeyShift = 13;
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * kMix1;
+  z = (z ^ (z >> 27)) * kMix2;
+  return z ^ (z >> 31);
+}
+
+// Output index + 1 of SplitMix64 from state seed: the noise of element index.
+inline uint64_t random_bits(uint64_t seed, uint64_t index) { return mix64(seed + (index + 1) * kGamma); }
+
+// The chunk function of each instruction set, or null where this build or CPU has none.
+ChunkFunction chunk_function_avx512(Storage, Format, unsigned variant);
+ChunkFunction chunk_function_avx2(Storage, Format, unsigned variant);
+ChunkFunction chunk_function_portable(Storage, Format, unsigned variant);
+
+}  // namespace rmsprop_kernel

@@ -1,0 +1,463 @@
+// The rule of rmsprop.functional over one chunk of a step, for every storage
+// and state format. Included by each isa_*.cpp inside a namespace of its own
+// and compiled with that instruction set's flags; the loops are plain C++
+// that GCC vectorises (#pragma omp simd), except the 8-bit map lookups,
+// written with gathers where the instruction set has them.
+//
+// Elements are computed in float32 (float64 for float64 parameters), op by op
+// in the order of the kernel this one replaced, with fused multiply-adds
+// exactly where mul_add is written (where the instruction set has them) and
+// nowhere else (-ffp-contract=off).
+
+// The unsigned integer of C's width.
+template <typename C>
+using Bits = std::conditional_t<sizeof(C) == 8, uint64_t, uint32_t>;
+
+template <typename C>
+struct Constants {
+  C lr, alpha, rate, eps_inside, eps_outside, weight_decay, decay_factor, momentum, sign;
+  // All ones where the flag is set: selects by masks, which GCC vectorises (a condition
+  // in the loop, even a constant one, kept it scalar).
+  Bits<C> nesterov, lr_in_momentum;
+};
+
+template <typename C>
+inline Constants<C> constants_of(const Scalars& s) {
+  const Bits<C> set = ~Bits<C>(0);
+  return Constants<C>{C(s.lr),           C(s.alpha),        C(s.rate),     C(s.eps_inside),     C(s.eps_outside),
+                      C(s.weight_decay), C(s.decay_factor), C(s.momentum), C(s.sign),           s.nesterov ? set : 0,
+                      s.lr_in_momentum ? set : 0};
+}
+
+// mask ? a : b, bit for bit, for a mask of all ones or zeros.
+template <typename C>
+__attribute__((always_inline)) inline C select(Bits<C> mask, C a, C b) {
+  Bits<C> x, y;
+  std::memcpy(&x, &a, sizeof x);
+  std::memcpy(&y, &b, sizeof y);
+  const Bits<C> chosen = (x & mask) | (y & ~mask);
+  C result;
+  std::memcpy(&result, &chosen, sizeof result);
+  return result;
+}
+
+struct Variant {
+  bool centered, momentum, plain, coupled_weight_decay;
+};
+
+constexpr Variant variant_of(unsigned bits) {
+  return Variant{(bits & kCentered) != 0, (bits & kMomentum) != 0, (bits & kPlain) != 0,
+                 (bits & kCoupledWeightDecay) != 0};
+}
+
+// a * b + c, rounded once where the instruction set has fused multiply-adds
+// (without them std::fma would be a slow library call).
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+inline float mul_add(float a, float b, float c) { return std::fma(a, b, c); }
+inline double mul_add(double a, double b, double c) { return std::fma(a, b, c); }
+#else
+inline float mul_add(float a, float b, float c) { return a * b + c; }
+inline double mul_add(double a, double b, double c) { return a * b + c; }
+#endif
+
+// bfloat16 as its bits: numpy and C++ have no bfloat16 type.
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// float16 as its bits, converted with integer and float operations that GCC vectorises
+// (it keeps _Float16 conversions scalar without AVX512-FP16).
+struct Half {
+  uint16_t bits;
+};
+
+template <Storage S>
+struct StorageType;
+template <>
+struct StorageType<Storage::Float32> {
+  using type = float;
+};
+template <>
+struct StorageType<Storage::Float64> {
+  using type = double;
+};
+template <>
+struct StorageType<Storage::BFloat16> {
+  using type = BFloat16;
+};
+template <>
+struct StorageType<Storage::Float16> {
+  using type = Half;
+};
+
+template <typename T>
+using ComputeType = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+inline float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+// All ones if condition, else zero; and a choice by such a mask. Integer selects that GCC
+// vectorises where a conditional expression mixing types left control flow in the loop.
+inline uint32_t mask(bool condition) { return 0u - uint32_t(condition); }
+inline uint32_t choose(uint32_t mask, uint32_t a, uint32_t b) { return (a & mask) | (b & ~mask); }
+
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline float widen(BFloat16 x) { return bits_to_float(uint32_t(x.bits) << 16); }
+
+// Exact: the exponent rebiased by a multiplication by 2^112, which also normalises
+// subnormals; infinities and NaNs keep their payload.
+__attribute__((always_inline)) inline float widen(Half x) {
+  const uint32_t magnitude = uint32_t(x.bits & 0x7FFFu) << 13;
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
+  const uint32_t finite = float_to_bits(bits_to_float(magnitude) * 0x1p112f);
+  const uint32_t special = magnitude | 0x7F800000u;
+  return bits_to_float(sign | choose(mask(magnitude >= (0x7C00u << 13)), special, finite));
+}
+
+// Round to nearest even (F. Giesen's float_to_half_fast3_rtne): subnormal results
+// rounded by a float addition, normal ones by integer arithmetic; NaN to 0x7E00.
+__attribute__((always_inline)) inline Half narrow_half(float value) {
+  const uint32_t bits = float_to_bits(value);
+  const uint32_t sign = bits & 0x80000000u;
+  const uint32_t magnitude = bits ^ sign;
+  const uint32_t overflow = choose(mask(magnitude > 0x7F800000u), 0x7E00u, 0x7C00u);
+  const float subnormal_magic = bits_to_float(126u << 23);
+  const uint32_t subnormal = float_to_bits(bits_to_float(magnitude) + subnormal_magic) - (126u << 23);
+  const uint32_t normal = (magnitude + (uint32_t(15 - 127) << 23) + 0xFFFu + ((magnitude >> 13) & 1u)) >> 13;
+  const uint32_t finite = choose(mask(magnitude < (113u << 23)), subnormal, normal);
+  const uint32_t half = choose(mask(magnitude >= (143u << 23)), overflow, finite);
+  return Half{uint16_t(half | (sign >> 16))};
+}
+
+// Round to nearest even, as torch converts (NaN to bfloat16 0x7FC0).
+template <typename T, typename C>
+__attribute__((always_inline)) inline T narrow(C x) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    const float value = float(x);
+    const uint32_t bits = float_to_bits(value);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return BFloat16{uint16_t(choose(mask(value != value), 0x7FC0u, rounded))};
+  } else if constexpr (std::is_same_v<T, Half>) {
+    return narrow_half(float(x));
+  } else {
+    return T(x);
+  }
+}
+
+// Stochastic rounding to bfloat16 with the noise of element index
+// (rmsprop.state_precision.stochastic_round_bf16): up with probability
+// proportional to the dropped bits. NaN stays NaN.
+template <typename C>
+__attribute__((always_inline)) inline BFloat16 round_stochastically(C x, uint64_t seed, int64_t index) {
+  const float value = float(x);
+  const uint32_t noise = uint32_t(random_bits(seed, uint64_t(index)) >> 48);
+  return BFloat16{uint16_t(choose(mask(value != value), 0x7FC0u, (float_to_bits(value) + noise) >> 16))};
+}
+
+// clamp_min(x, 0), NaN staying NaN, as a select by mask.
+template <typename C>
+__attribute__((always_inline)) inline C clamp_to_zero(C x) {
+  return select(Bits<C>(0) - Bits<C>(x < 0), C(0), x);
+}
+
+// One element of the rule of rmsprop.functional.
+// Always inlined: a call in a loop keeps it scalar, and GCC's inliner gave up on some
+// of the larger loops.
+template <typename C, Variant V>
+__attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k) {
+  if constexpr (!V.plain) {
+    p = p * k.decay_factor;
+    g = g * k.sign;
+    if constexpr (V.coupled_weight_decay) g = mul_add(k.weight_decay, p, g);
+  }
+  v = mul_add(k.alpha, v, k.rate * (g * g));
+  C second_moment = v;
+  if constexpr (!V.plain) second_moment = second_moment * inverse_correction;
+  if constexpr (V.centered) {
+    m = mul_add(k.rate, g - m, m);
+    C mean = m;
+    if constexpr (!V.plain) mean = mean * inverse_correction;
+    second_moment = mul_add(-mean, mean, second_moment);
+    second_moment = clamp_to_zero(second_moment);
+  }
+  const C u = g / (std::sqrt(second_moment + k.eps_inside) + k.eps_outside);
+  if constexpr (V.momentum) {
+    // lr_in_momentum: the buffer accumulates lr * u and the step subtracts it as it is.
+    // Both forms are computed and one selected.
+    const C increment = select(k.lr_in_momentum, k.lr * u, u);
+    b = mul_add(k.momentum, b, increment);
+    const C direction = select(k.nesterov, mul_add(k.momentum, b, increment), b);
+    p = select(k.lr_in_momentum, p - direction, mul_add(-k.lr, direction, p));
+  } else {
+    p = mul_add(-k.lr, u, p);
+  }
+}
+
+// State of the parameter's storage, or float32 beside a 16-bit parameter.
+template <typename S, typename T, unsigned B>
+void plain_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
+  using C = ComputeType<S>;
+  constexpr Variant V = variant_of(B);
+  const Constants<C> k = constants_of<C>(job.scalars);
+  const C inverse_correction = C(e.inverse_correction);
+  S* __restrict p = static_cast<S*>(e.param) + start;
+  const S* __restrict g = static_cast<const S*>(e.grad) + start;
+  T* __restrict v = static_cast<T*>(e.square) + start;
+  T* __restrict m = V.centered ? static_cast<T*>(e.grad_avg) + start : nullptr;
+  T* __restrict b = V.momentum ? static_cast<T*>(e.momentum) + start : nullptr;
+  const int64_t n = end - start;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    C pi = widen(p[i]), vi = widen(v[i]), mi = 0, bi = 0;
+    if constexpr (V.centered) mi = widen(m[i]);
+    if constexpr (V.momentum) bi = widen(b[i]);
+    apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k);
+    p[i] = narrow<S>(pi);
+    v[i] = narrow<T>(vi);
+    if constexpr (V.centered) m[i] = narrow<T>(mi);
+    if constexpr (V.momentum) b[i] = narrow<T>(bi);
+  }
+}
+
+// bfloat16 state, rounded stochastically; centered, it holds grad_variance in place of square_avg.
+template <typename S, unsigned B>
+void bfloat16_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
+  using C = ComputeType<S>;
+  constexpr Variant V = variant_of(B);
+  const Constants<C> k = constants_of<C>(job.scalars);
+  const C inverse_correction = C(e.inverse_correction);
+  const C weight_before = C(e.weight_before), weight_after = C(e.weight_after);
+  const uint64_t v_seed = e.seeds[0], m_seed = e.seeds[1], b_seed = e.seeds[2];
+  S* __restrict p = static_cast<S*>(e.param) + start;
+  const S* __restrict g = static_cast<const S*>(e.grad) + start;
+  BFloat16* __restrict v = static_cast<BFloat16*>(e.square) + start;
+  BFloat16* __restrict m = V.centered ? static_cast<BFloat16*>(e.grad_avg) + start : nullptr;
+  BFloat16* __restrict b = V.momentum ? static_cast<BFloat16*>(e.momentum) + start : nullptr;
+  const int64_t n = end - start;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    C pi = widen(p[i]), vi = widen(v[i]), mi = 0, bi = 0;
+    if constexpr (V.centered) {
+      mi = widen(m[i]);
+      vi = vi + weight_before * (mi * mi);
+    }
+    if constexpr (V.momentum) bi = widen(b[i]);
+    apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k);
+    p[i] = narrow<S>(pi);
+    const int64_t index = start + i;
+    if constexpr (V.centered) {
+      vi = clamp_to_zero(vi - weight_after * (mi * mi));
+      m[i] = round_stochastically(mi, m_seed, index);
+    }
+    v[i] = round_stochastically(vi, v_seed, index);
+    if constexpr (V.momentum) b[i] = round_stochastically(bi, b_seed, index);
+  }
+}
+
+// --- 8-bit blocks -----------------------------------------------------------
+
+// values[i] = map[codes[i]] * scale.
+inline void decode_block(const uint8_t* __restrict codes, int64_t count, const float* __restrict map, float scale,
+                         float* __restrict values) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 scales = _mm512_set1_ps(scale);
+  for (; i + 16 <= count; i += 16) {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm512_storeu_ps(values + i, _mm512_mul_ps(_mm512_i32gather_ps(index, map, 4), scales));
+  }
+#elif defined(__AVX2__)
+  const __m256 scales = _mm256_set1_ps(scale);
+  for (; i + 8 <= count; i += 8) {
+    const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm256_storeu_ps(values + i, _mm256_mul_ps(_mm256_i32gather_ps(map, index, 4), scales));
+  }
+#endif
+  for (; i < count; ++i) values[i] = map[codes[i]] * scale;
+}
+
+// The code of each scaled value (rmsprop.state_precision.quantize_blockwise):
+// lower = i with map[i] < x <= map[i+1] (clamped to [0, 254]), found in the
+// interval table; then up with probability proportional to the distance from
+// map[lower], drawn with uniforms.
+inline void lookup_codes(const float* __restrict scaled, const float* __restrict uniforms, int64_t count,
+                         const float* __restrict map, const int32_t* __restrict table, uint8_t* __restrict codes) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512i one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(255);
+  for (; i + 16 <= count; i += 16) {
+    const __m512 x = _mm512_loadu_ps(scaled + i);
+    const __m512i key = _mm512_srli_epi32(_mm512_castps_si512(x), kKeyShift);
+    __m512i below = _mm512_i32gather_epi32(key, table, 4);
+    const __mmask16 above = _mm512_cmp_ps_mask(_mm512_i32gather_ps(below, map, 4), x, _CMP_LT_OQ);
+    below = _mm512_mask_add_epi32(below, above, below, one);
+    const __m512i lower = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(below, one), top), one);
+    const __m512 low = _mm512_i32gather_ps(lower, map, 4);
+    const __m512 high = _mm512_i32gather_ps(_mm512_add_epi32(lower, one), map, 4);
+    const __m512 fraction = _mm512_div_ps(_mm512_sub_ps(x, low), _mm512_sub_ps(high, low));
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_loadu_ps(uniforms + i), fraction, _CMP_LT_OQ);
+    const __m512i code = _mm512_mask_add_epi32(lower, up, lower, one);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
+  }
+#elif defined(__AVX2__)
+  const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(255);
+  for (; i + 8 <= count; i += 8) {
+    const __m256 x = _mm256_loadu_ps(scaled + i);
+    const __m256i key = _mm256_srli_epi32(_mm256_castps_si256(x), kKeyShift);
+    __m256i below = _mm256_i32gather_epi32(table, key, 4);
+    // A true comparison is -1 in every bit: subtracting it adds one.
+    const __m256 above = _mm256_cmp_ps(_mm256_i32gather_ps(map, below, 4), x, _CMP_LT_OQ);
+    below = _mm256_sub_epi32(below, _mm256_castps_si256(above));
+    const __m256i lower = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(below, one), top), one);
+    const __m256 low = _mm256_i32gather_ps(map, lower, 4);
+    const __m256 high = _mm256_i32gather_ps(map, _mm256_add_epi32(lower, one), 4);
+    const __m256 fraction = _mm256_div_ps(_mm256_sub_ps(x, low), _mm256_sub_ps(high, low));
+    const __m256 up = _mm256_cmp_ps(_mm256_loadu_ps(uniforms + i), fraction, _CMP_LT_OQ);
+    const __m256i code = _mm256_sub_epi32(lower, _mm256_castps_si256(up));
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+  }
+#endif
+  for (; i < count; ++i) {
+    const float x = scaled[i];
+    int32_t below = table[float_to_bits(x) >> kKeyShift];
+    below += map[below] < x;
+    const int32_t lower = std::min(std::max(below, 1), 255) - 1;
+    const float low = map[lower];
+    const float fraction = (x - low) / (map[lower + 1] - low);
+    codes[i] = uint8_t(lower + (uniforms[i] < fraction));
+  }
+}
+
+// rmsprop.state_precision.quantize_blockwise of one block, with the noise of
+// its elements (first: the index of its first element). values are overwritten.
+inline void encode_block(float* __restrict values, int64_t count, uint8_t* __restrict codes, float* absmax,
+                         const float* __restrict map, const int32_t* __restrict table, uint64_t seed, int64_t first) {
+  // The largest magnitude as the largest bit pattern of |x|: a NaN's lies above
+  // inf's, so a NaN anywhere becomes the absmax, as in torch's amax.
+  uint32_t largest = 0;
+#pragma omp simd reduction(max : largest)
+  for (int64_t i = 0; i < count; ++i) largest = std::max(largest, float_to_bits(values[i]) & 0x7FFFFFFFu);
+  const float block_absmax = bits_to_float(largest);
+  *absmax = block_absmax;
+  const float divisor = block_absmax > 0 ? block_absmax : 1.0f;
+  alignas(64) float uniforms[kBlock];
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    values[i] = values[i] / divisor;
+    // Below 2^24, so exact through int32 (AVX2 converts no 64-bit or unsigned integers).
+    uniforms[i] = float(int32_t(random_bits(seed, uint64_t(first + i)) >> 40)) * 0x1p-24f;
+  }
+  lookup_codes(values, uniforms, count, map, table, codes);
+}
+
+// 8-bit state, a block at a time: decode, apply the rule, encode. square holds
+// sqrt(square_avg) (centered: sqrt(grad_variance)) with the unsigned map, the
+// others the signed map.
+template <typename S, unsigned B>
+void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
+  using C = ComputeType<S>;
+  constexpr Variant V = variant_of(B);
+  const Constants<C> k = constants_of<C>(job.scalars);
+  const C inverse_correction = C(e.inverse_correction);
+  const C weight_before = C(e.weight_before), weight_after = C(e.weight_after);
+  const Maps& maps = job.maps;
+  S* __restrict p_all = static_cast<S*>(e.param);
+  const S* __restrict g_all = static_cast<const S*>(e.grad);
+  uint8_t* v_codes = static_cast<uint8_t*>(e.square);
+  uint8_t* m_codes = static_cast<uint8_t*>(e.grad_avg);
+  uint8_t* b_codes = static_cast<uint8_t*>(e.momentum);
+  // One block's decoded values, then its new values in float32 until their absmax is known.
+  alignas(64) float new_v[kBlock], new_m[kBlock], new_b[kBlock];
+  for (int64_t first = start; first < end; first += kBlock) {
+    const int64_t block = first / kBlock;
+    const int64_t count = std::min(kBlock, e.size - first);
+    decode_block(v_codes + first, count, maps.unsigned_map, e.square_absmax[block], new_v);
+    if constexpr (V.centered) decode_block(m_codes + first, count, maps.signed_map, e.grad_avg_absmax[block], new_m);
+    if constexpr (V.momentum) decode_block(b_codes + first, count, maps.signed_map, e.momentum_absmax[block], new_b);
+    S* __restrict p = p_all + first;
+    const S* __restrict g = g_all + first;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      const C root = C(new_v[i]);
+      C vi = root * root, mi = 0, bi = 0;
+      if constexpr (V.centered) {
+        mi = C(new_m[i]);
+        vi = vi + weight_before * (mi * mi);
+      }
+      if constexpr (V.momentum) bi = C(new_b[i]);
+      C pi = widen(p[i]);
+      apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k);
+      p[i] = narrow<S>(pi);
+      if constexpr (V.centered) {
+        vi = vi - weight_after * (mi * mi);
+        new_m[i] = float(mi);
+      }
+      if constexpr (V.momentum) new_b[i] = float(bi);
+      new_v[i] = float(std::sqrt(clamp_to_zero(vi)));
+    }
+    encode_block(new_v, count, v_codes + first, e.square_absmax + block, maps.unsigned_map, maps.unsigned_table,
+                 e.seeds[0], first);
+    if constexpr (V.centered)
+      encode_block(new_m, count, m_codes + first, e.grad_avg_absmax + block, maps.signed_map, maps.signed_table,
+                   e.seeds[1], first);
+    if constexpr (V.momentum)
+      encode_block(new_b, count, b_codes + first, e.momentum_absmax + block, maps.signed_map, maps.signed_table,
+                   e.seeds[2], first);
+  }
+}
+
+template <Storage S, Format F, unsigned B>
+void step_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
+  using T = typename StorageType<S>::type;
+  if constexpr (F == Format::Same) plain_state_chunk<T, T, B>(job, e, start, end);
+  else if constexpr (F == Format::Float32) plain_state_chunk<T, float, B>(job, e, start, end);
+  else if constexpr (F == Format::BFloat16) bfloat16_state_chunk<T, B>(job, e, start, end);
+  else blockwise_state_chunk<T, B>(job, e, start, end);
+}
+
+template <Storage S, Format F, unsigned B>
+constexpr ChunkFunction entry_of() {
+  if constexpr (normalized(B) == B) return &step_chunk<S, F, B>;
+  else return nullptr;
+}
+
+template <Storage S, Format F, size_t... B>
+ChunkFunction pick(unsigned variant, std::index_sequence<B...>) {
+  static constexpr ChunkFunction table[] = {entry_of<S, F, B>()...};
+  return table[normalized(variant) % kVariants];
+}
+
+template <Storage S>
+ChunkFunction pick_format(Format format, unsigned variant) {
+  constexpr auto variants = std::make_index_sequence<kVariants>{};
+  switch (format) {
+    case Format::Same: return pick<S, Format::Same>(variant, variants);
+    case Format::Float32:
+      if constexpr (S == Storage::BFloat16 || S == Storage::Float16) return pick<S, Format::Float32>(variant, variants);
+      return nullptr;
+    case Format::BFloat16: return pick<S, Format::BFloat16>(variant, variants);
+    case Format::Blockwise8bit: return pick<S, Format::Blockwise8bit>(variant, variants);
+  }
+  return nullptr;
+}
+
+inline ChunkFunction chunk_function(Storage storage, Format format, unsigned variant) {
+  switch (storage) {
+    case Storage::Float32: return pick_format<Storage::Float32>(format, variant);
+    case Storage::Float64: return pick_format<Storage::Float64>(format, variant);
+    case Storage::BFloat16: return pick_format<Storage::BFloat16>(format, variant);
+    case Storage::Float16: return pick_format<Storage::Float16>(format, variant);
+  }
+  return nullptr;
+}

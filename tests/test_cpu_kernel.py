@@ -1,0 +1,313 @@
+"""The fused CPU kernel (rmsprop.cpu_kernel, csrc/cpu): instruction sets, machine code, gathering.
+
+Its results are checked against the for-loop path and the per-tensor
+low-precision path in tests/test_fused.py (with every instruction set this
+CPU runs). Here: the instruction sets agree with each other, each compiled
+variant is vectorised as it should be (read from the library's machine
+code, whatever CPU runs the test), the choice of instruction set, and the
+gathering of a group's tensors: what it declines, and what it checks again
+after a change.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rmsprop import RMSprop, cpu_kernel
+from fused_checks import make_gradients, make_params, run_steps, square_rooting, state_tensors
+
+pytestmark = pytest.mark.skipif(cpu_kernel.kernel() is None, reason="the CPU kernel is not built")
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+# Every instruction set is compiled into an x86-64 build, whichever CPU built it.
+INSTRUCTION_SETS = ["avx512", "avx2", "portable"] if X86 else ["portable"]
+
+
+def test_an_x86_build_holds_every_instruction_set_and_picks_the_best_this_cpu_runs():
+    extension = cpu_kernel.kernel()
+    assert extension.compiled_instruction_sets() == INSTRUCTION_SETS
+    available = cpu_kernel.available_instruction_sets()
+    assert available[-1] == "portable" and set(available) <= set(INSTRUCTION_SETS)
+    assert os.environ.get(cpu_kernel.INSTRUCTION_SET_VARIABLE) or cpu_kernel.instruction_set() == available[0]
+
+
+def _chosen_in_a_fresh_process(value: str) -> subprocess.CompletedProcess:
+    code = "from rmsprop import cpu_kernel; print(cpu_kernel.instruction_set())"
+    environment = {**os.environ, cpu_kernel.INSTRUCTION_SET_VARIABLE: value}
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
+
+
+def test_the_environment_variable_forces_an_instruction_set():
+    result = _chosen_in_a_fresh_process("portable")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "portable"
+
+
+def test_an_unknown_instruction_set_is_refused_with_the_variable_named():
+    result = _chosen_in_a_fresh_process("sse9")
+    assert result.returncode != 0
+    assert "RMSPROP_CPU_ISA='sse9': unknown instruction set 'sse9' (avx512, avx2 or portable)" in result.stderr
+
+
+def test_select_instruction_set_refuses_an_unknown_name():
+    with pytest.raises(ValueError, match="unknown instruction set 'neon'"):
+        cpu_kernel.select_instruction_set("neon")
+
+
+def _run_with(instruction_set: str, dtype: torch.dtype, settings: dict) -> list[torch.Tensor]:
+    chosen = cpu_kernel.instruction_set()
+    cpu_kernel.select_instruction_set(instruction_set)
+    try:
+        # Over three of the kernel's chunks, ending inside a vector and inside an 8-bit block.
+        params = make_params(dtype, [(140_001,), (300,), (5,)])
+        optimizer = RMSprop(params, min_8bit_size=256, **settings)
+        run_steps(optimizer, params, make_gradients(params, 4), dtype)
+    finally:
+        cpu_kernel.select_instruction_set(chosen)
+    return [p.detach() for p in params] + state_tensors(optimizer, params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64], ids=str)
+@pytest.mark.parametrize("state_precision", ["full", "bf16", "8bit"])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"momentum": 0.9, "centered": True, "nesterov": True}, {"weight_decay": 0.1, "maximize": True, "bias_correction": True}],
+    ids=["plain", "momentum-centered-nesterov", "weight-decay-maximize-bias-correction"],
+)
+def test_avx512_and_avx2_give_the_same_bits(dtype, state_precision, settings):
+    """The same operations with fused multiply-adds at the same places: equal bit for bit."""
+    available = cpu_kernel.available_instruction_sets()
+    if not {"avx512", "avx2"} <= set(available):
+        pytest.skip("this CPU does not run both AVX-512 and AVX2")
+    settings = {**settings, "state_precision": state_precision}
+    for wide, narrow in zip(_run_with("avx512", dtype, settings), _run_with("avx2", dtype, settings), strict=True):
+        assert torch.equal(wide.view(torch.uint8), narrow.view(torch.uint8)) if wide.dim() else torch.equal(wide, narrow)
+
+
+# --- machine code -----------------------------------------------------------------
+
+
+def _functions(listing: str) -> dict[str, str]:
+    """objdump's disassembly split into {demangled name: instructions}, the linker's stubs left out."""
+    functions, name = {}, None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = None if header.group(1).endswith("@plt") else header.group(1)
+            if name is not None:
+                functions[name] = ""
+        elif name is not None:
+            functions[name] += line + "\n"
+    return functions
+
+
+@pytest.fixture(scope="module")
+def functions() -> dict[str, str]:
+    if not X86 or shutil.which("objdump") is None:
+        pytest.skip("reads x86 instructions with objdump")
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", cpu_kernel.kernel().__file__],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return _functions(listing)
+
+
+@pytest.mark.parametrize("instruction_set", ["avx512", "avx2"] if X86 else [])
+def test_every_loop_of_the_rule_is_vectorised_in_every_compiled_instruction_set(functions, instruction_set):
+    """Structure, not timing, and of every variant in the library whatever CPU runs the test:
+    every chunk function (every storage, format and variant) takes packed square roots in the
+    instruction set's widest registers, besides the scalar ones of a loop's tail, and fused
+    multiply-adds."""
+    register = {"avx512": "zmm", "avx2": "ymm"}[instruction_set]
+    chunks = _chunk_functions(functions, instruction_set)
+    # 4 storages x (same, bf16, 8-bit) + 2 x float32 state, in 12 variants each.
+    assert len(chunks) == 14 * 12, len(chunks)
+    rooting, scalar_only = square_rooting(chunks)
+    assert sorted(rooting) == sorted(chunks)
+    assert not scalar_only, scalar_only
+    narrow = [name for name, body in chunks.items() if not re.search(rf"\bvsqrtp[sd]\s+.*%{register}", body)]
+    assert not narrow, narrow
+    unfused = [name for name, body in chunks.items() if not re.search(r"\bvfn?m(add|sub)\d+[ps][sd]\b", body)]
+    assert not unfused, unfused
+
+
+def test_the_portable_rule_is_vectorised_for_float32_without_fused_multiply_adds(functions):
+    """x86-64's baseline (SSE2): the float32 loops in packed form; no fused multiply-adds,
+    which that baseline lacks (its results equal the others within float32 rounding)."""
+    if not X86:
+        pytest.skip("reads x86 instructions")
+    chunks = _chunk_functions(functions, "portable")
+    single = {name: body for name, body in chunks.items() if "<double" not in name}
+    assert single
+    rooting, scalar_only = square_rooting(single)
+    assert sorted(rooting) == sorted(single) and not scalar_only, scalar_only
+    assert not [name for name, body in chunks.items() if re.search(r"\bvfn?m(add|sub)", body)]
+
+
+def _chunk_functions(functions: dict[str, str], instruction_set: str) -> dict[str, str]:
+    return {
+        name: body
+        for name, body in functions.items()
+        if f"rmsprop_kernel::{instruction_set}::" in name and "_state_chunk<" in name
+    }
+
+
+@pytest.mark.parametrize("instruction_set", ["avx512", "avx2"] if X86 else [])
+def test_low_precision_state_is_converted_encoded_and_noised_in_vectors(functions, instruction_set):
+    """bf16 state: the SplitMix64 noise in 64-bit vector multiplies; 8-bit state: the map lookups
+    as gathers and the noise in vectors too."""
+    register = {"avx512": "zmm", "avx2": "ymm"}[instruction_set]
+    multiply = r"vpmullq" if instruction_set == "avx512" else r"vpmuludq"
+
+    def of(kind: str) -> dict[str, str]:
+        return {
+            name: body
+            for name, body in functions.items()
+            if f"rmsprop_kernel::{instruction_set}::{kind}<" in name
+        }
+
+    bfloat16_state = of("bfloat16_state_chunk")
+    assert bfloat16_state and all(re.search(rf"\b{multiply}\b.*%{register}", body) for body in bfloat16_state.values())
+    blockwise = of("blockwise_state_chunk")
+    assert blockwise and all(re.search(r"\bv(p)?gatherd(d|ps)\b", body) for body in blockwise.values())
+    # The encoding, inlined into each or a function of its own.
+    encoders = {name: body for name, body in functions.items() if f"rmsprop_kernel::{instruction_set}::encode_block(" in name}
+    assert all(re.search(rf"\b{multiply}\b", body) for body in (encoders or blockwise).values())
+    # float16 converted by integer and float operations (F16C's instructions would take blocks
+    # on the stack): its chunk functions are vectorised like the others (test above).
+    assert any("Half" in name for name in of("plain_state_chunk"))
+
+
+def test_the_library_needs_no_torch():
+    """Built from the Python headers alone: no torch library among what it links."""
+    if shutil.which("readelf") is None:
+        pytest.skip("reads the library's dependencies with readelf")
+    dynamic = subprocess.run(
+        ["readelf", "-d", cpu_kernel.kernel().__file__], capture_output=True, text=True, check=True
+    ).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.*)\]", dynamic)
+    assert needed and not [name for name in needed if "torch" in name or "c10" in name or "gomp" in name], needed
+
+
+# --- gathering a group ------------------------------------------------------------
+
+
+def _stepped_twice(**settings) -> tuple[list[torch.nn.Parameter], RMSprop]:
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3, 2))]
+    optimizer = RMSprop(params, lr=0.01, **settings)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    return params, optimizer
+
+
+def test_gather_group_takes_a_group_with_state():
+    _, optimizer = _stepped_twice(momentum=0.5, centered=True)
+    assert len(cpu_kernel.gather_group(optimizer, 0)) == 2
+
+
+def _to_float64(param: torch.nn.Parameter) -> None:
+    param.data = param.data.double()
+    param.grad = torch.ones_like(param)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda params, opt: opt.state.pop(params[1]), "parameter 1: has no state yet"),
+        (lambda params, opt: setattr(params[0], "grad", params[0].grad.to_sparse()), "parameter 0: its gradient is not"),
+        (lambda params, opt: setattr(params[1], "grad", torch.ones(2, 3).t()), "parameter 1: its gradient is not"),
+        (lambda params, opt: _to_float64(params[0]), "parameter 0: its 'square_avg' is not"),
+        (lambda params, opt: opt.state[params[0]].update(square_avg=torch.ones(9)), "parameter 0: its 'square_avg' is not"),
+        (lambda params, opt: setattr(opt.state[params[0]]["square_avg"], "data", torch.ones(9)), "parameter 0: its 'square_avg' is not"),
+        (lambda params, opt: setattr(params[1], "grad", torch.ones(3, 2)._neg_view()), "parameter 1: its gradient is not"),
+        (lambda params, opt: opt.state[params[0]].pop("grad_avg"), "parameter 0: its 'grad_avg' is not"),
+        (lambda params, opt: opt.state[params[1]].update(step=3), "parameter 1: its 'step' is not a 1-element"),
+        (lambda params, opt: opt.state[params[1]].update(step=torch.tensor(3)), "parameter 1: its 'step' is not a 1-element"),
+        (lambda params, opt: opt.state.update({params[0]: [1]}), "parameter 0: its state is not a dict"),
+    ],
+)
+def test_gather_group_declines_what_it_cannot_step_and_says_why(change, reason):
+    """Also after a gather that checked the same objects: a change behind their back is seen."""
+    params, optimizer = _stepped_twice(centered=True)
+    assert not isinstance(cpu_kernel.gather_group(optimizer, 0), str)
+    change(params, optimizer)
+    declined = cpu_kernel.gather_group(optimizer, 0)
+    assert isinstance(declined, str) and declined.startswith(reason), declined
+
+
+def test_gather_group_declines_a_tensor_subclass():
+    class Tagged(torch.Tensor):
+        pass
+
+    params, optimizer = _stepped_twice()
+    optimizer.param_groups[0]["params"][0] = params[0].as_subclass(Tagged)
+    assert cpu_kernel.gather_group(optimizer, 0) == "parameter 0: not a plain tensor"
+
+
+def test_gather_group_skips_params_without_gradients_and_does_not_add_state():
+    params, optimizer = _stepped_twice()
+    extra = torch.nn.Parameter(torch.ones(4))
+    optimizer.param_groups[0]["params"].append(extra)
+    params[1].grad = None
+    assert len(cpu_kernel.gather_group(optimizer, 0)) == 1
+    assert extra not in optimizer.state
+
+
+def test_a_gathered_step_bumps_the_version_of_the_parameters_with_gradients():
+    params, optimizer = _stepped_twice()
+    params[1].grad = None
+    versions = [p._version for p in params]
+    optimizer.step()
+    assert params[0]._version > versions[0] and params[1]._version == versions[1]
+
+
+def test_a_state_tensor_moved_to_new_memory_is_stepped_there():
+    """The gather trusts an object it checked only at the address it checked it at."""
+    params, optimizer = _stepped_twice(momentum=0.9)
+    buffer = optimizer.state[params[0]]["momentum_buffer"]
+    old = buffer.data
+    buffer.data = old.clone()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert not torch.equal(buffer, old)
+
+
+def test_steps_from_two_python_threads_at_once_equal_steps_one_after_the_other():
+    """The kernel releases the GIL: two optimizers stepped from two threads share its thread pool."""
+    import threading
+
+    def trained(threads: bool) -> list[torch.Tensor]:
+        runs = []
+        for seed in (0, 1):
+            params = make_params(torch.float32, [(200_001,)], seed=seed)
+            runs.append((params, RMSprop(params, momentum=0.9)))
+
+        def train(params, optimizer):
+            run_steps(optimizer, params, make_gradients(params, 4), torch.float32)
+
+        if threads:
+            workers = [threading.Thread(target=train, args=run) for run in runs]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        else:
+            for run in runs:
+                train(*run)
+        return [p.detach() for params, _ in runs for p in params]
+
+    for concurrent, serial in zip(trained(True), trained(False), strict=True):
+        assert torch.equal(concurrent, serial)

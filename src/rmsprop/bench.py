@@ -170,6 +170,21 @@ def _timed(step: Callable[[], Any], device: str) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _interleaved_rounds(steps: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """Each step's times in ms: after ``warmup`` untimed rounds, one timed call per round, in an
+    order rotating from round to round so that no implementation always runs right after the same one."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(steps[name], device))
+    return times
+
+
 def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool, device: str = "cpu") -> dict[str, Any]:
     """Median ms per step and first-call ms of each implementation on ``case``."""
     generator = torch.Generator().manual_seed(0)
@@ -185,16 +200,7 @@ def run_case(case: Case, repeats: int, warmup: int, compile_torch: bool, device:
     # After the first fused step, which creates the square averages the bound reads.
     steps[BOUND] = _bound_step(params, case, fused)
     first[BOUND] = _timed(steps[BOUND], device)
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for round_index in range(repeats):
-        # A rotating order, so no implementation always runs right after the same one.
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(_timed(steps[name], device))
+    times = _interleaved_rounds(steps, repeats, warmup, device)
     torch._dynamo.reset()
     return _summary(case, first, times)
 
@@ -334,15 +340,7 @@ def run_state_precision_case(case: Case, repeats: int, warmup: int) -> dict[str,
     steps = {name: optimizer.step for name, optimizer in optimizers.items()}
     first = {name: _timed(step, "cpu") for name, step in steps.items()}
     steps[BOUND] = _bound_step(params, case, optimizers["full"])
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(_timed(steps[name], "cpu"))
+    times = _interleaved_rounds(steps, repeats, warmup, "cpu")
     full_bytes = state_bytes_per_step(case, "full")
     results = []
     for name in optimizers:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from rmsprop.compare.cartpole import CartPoleA2C
 from rmsprop.compare.optimizers import OPTIMIZERS, RMSPROP_VARIANTS
-from rmsprop.compare.problems import Adding, CharLSTM, Digits, DigitsCNN, Drift, Problem, SeedMLP
+from rmsprop.compare.problems import Adding, CharLSTM, Digits, DigitsCNN, Drift, Problem, SeedMLP, SmallCharLSTM
 
 __all__ = ["TASKS", "Budget", "Task", "task_by_name"]
 
@@ -69,13 +69,10 @@ class Task:
 
 
 _CHAR_LSTM = {
-    "problem": "char-lstm",
-    "make_problem": lambda seed, budget: CharLSTM(seed),
     "metric": "val_bpc",
     "metric_label": "validation bits/char",
     "curve_metric": "val_bpc",
     "curve_label": "validation bits/char",
-    "step_cost_ms": 9.0,
     "log_scale": False,
 }
 _DIGITS_SPLIT = "(1797 images, split 60/20/20 into train/val/test), minibatches of 64. Figure: validation cross-entropy."
@@ -124,7 +121,7 @@ TASKS: tuple[Task, ...] = (
         metric_label="validation cross-entropy",
         curve_metric="val_loss",
         curve_label="validation cross-entropy",
-        budget=Budget(1000, 50),
+        budget=Budget(600, 25),
         quick_budget=Budget(20, 10),
         seeds=5,
         step_cost_ms=2.7,
@@ -137,9 +134,12 @@ TASKS: tuple[Task, ...] = (
         f"split 90/5/5 into train/val/test), batches of {CharLSTM.batch_size} random windows of "
         f"{CharLSTM.window} characters. Figure: validation bits per character on the whole validation split "
         f"(curves: {CharLSTM.curve_windows} windows of 256 characters spread over it).",
-        budget=Budget(1200, 50),
+        problem="char-lstm",
+        make_problem=lambda seed, budget: CharLSTM(seed),
+        budget=Budget(1000, 50),
         quick_budget=Budget(10, 5),
         seeds=3,
+        step_cost_ms=9.0,
         **_CHAR_LSTM,
     ),
     Task(
@@ -156,7 +156,7 @@ TASKS: tuple[Task, ...] = (
         metric_label="validation MSE",
         curve_metric="val_mse",
         curve_label="validation MSE",
-        budget=Budget(4000, 100),
+        budget=Budget(3000, 100),
         quick_budget=Budget(10, 5),
         seeds=3,
         step_cost_ms=3.5,
@@ -196,7 +196,7 @@ TASKS: tuple[Task, ...] = (
         metric_label="late evaluation return",
         curve_metric="eval_return",
         curve_label="evaluation return",
-        budget=Budget(1500, 50),
+        budget=Budget(1000, 50),
         quick_budget=Budget(20, 10),
         seeds=5,
         step_cost_ms=4.0,
@@ -207,14 +207,19 @@ TASKS: tuple[Task, ...] = (
     ),
     Task(
         name="char-lstm-long",
-        title="char-lstm-long: the character LSTM for 6000 steps, Adagrad against RMSProp",
-        description="The char-lstm problem for 6000 steps (5x char-lstm's), with "
+        title="char-lstm-long: a smaller character LSTM trained towards its plateau, Adagrad against RMSProp",
+        description=f"The char-lstm text with a smaller LSTM ({SmallCharLSTM.hidden_size} units, "
+        f"{SmallCharLSTM.embedding_size}-dim embedding, batches of {SmallCharLSTM.batch_size} windows of "
+        f"{SmallCharLSTM.window} characters) for 8000 steps, about 10 passes over the training text, with "
         "Adagrad and the RMSProp variants only, each re-tuned at this budget on a 3-point grid around its "
         "char-lstm lr. The effective per-parameter step size lr/denominator (`rmsprop.diagnostics`) is read "
         "from the optimizer state at every log point.",
-        budget=Budget(6000, 100),
+        problem="char-lstm-small",
+        make_problem=lambda seed, budget: SmallCharLSTM(seed),
+        budget=Budget(8000, 100),
         quick_budget=Budget(20, 5),
         seeds=3,
+        step_cost_ms=2.2,
         optimizers=(*RMSPROP_VARIANTS, "adagrad"),
         tune_around="char-lstm",
         **_CHAR_LSTM,

@@ -333,7 +333,7 @@ def test_higher_is_better_figures_are_compared_the_right_way_round():
     assert _verdict(_drift_like({**base, **high}, "cartpole-a2c", True), 4)["verdict"] == "supported"
     assert _verdict(_drift_like({**base, **low}, "cartpole-a2c", True), 2)["verdict"] == "not supported"
     runs = [{"lr": 0.1, "diverged": False, "final": {"m": 100.0}}, {"lr": 0.2, "diverged": False, "final": {"m": 400.0}}]
-    assert best_lr(runs, _task({}, higher_is_better=True)) == 0.2
+    assert best_lr(runs, "m", higher_is_better=True) == 0.2
 
 
 def test_claim_3_needs_the_adding_problem_solved():
@@ -432,15 +432,14 @@ def _fake_run(best: dict[str, float]):
 
 
 def test_best_lr_skips_diverged_runs():
-    task = {"metric": "m", "higher_is_better": False}
     runs = [
         {"lr": 0.1, "diverged": True, "final": {"m": 0.01}},
         {"lr": 0.01, "diverged": False, "final": {"m": 0.5}},
         {"lr": 0.001, "diverged": False, "final": {"m": 0.7}},
     ]
-    assert best_lr(runs, task) == 0.01
-    assert best_lr([{**run, "diverged": True} for run in runs], task) == 0.001
-    assert best_lr(runs, {**task, "higher_is_better": True}) == 0.001
+    assert best_lr(runs, "m") == 0.01
+    assert best_lr([{**run, "diverged": True} for run in runs], "m") == 0.001
+    assert best_lr(runs, "m", higher_is_better=True) == 0.001
 
 
 def test_tuning_grows_the_grid_past_the_best_end():

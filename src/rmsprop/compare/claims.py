@@ -48,13 +48,15 @@ CLAIMS = {
 GENERAL_RULE = (
     "Each claim is checked for each RMSProp variant (`pytorch` and `hinton` presets, centered with momentum) on "
     "each task that bears on it. A claim is **supported** when every check holds, **not supported** when none "
-    "does, and **mixed** otherwise. Comparisons use the final runs at each optimizer's tuned lr (tuned on seed "
-    "0, final runs from seeds the tuning never saw). Runs with the same seed share initial weights and data, so "
+    "does, and **mixed** otherwise. On a task every optimizer trains for the same number of steps, and its lr "
+    "is tuned the same way: one seed-0 run per point of a log grid (factors of about 3), the grid grown past an "
+    "end where the best lr sits, scored on validation data where the task has any. Comparisons use the final "
+    "runs at each optimizer's tuned lr, from seeds the tuning never saw. Runs with the same seed share initial weights and data, so "
     "comparisons are paired: \"A beats B\" means the mean over seeds of B - A (figures oriented so that lower "
     "is better) is positive and more than twice its standard error, 2·sd(B - A)/sqrt(n) (with one seed, any "
-    "lower value beats). A diverged run (non-finite loss, or a curve that ends worse than it started) counts "
-    "as the worst possible figure: it never beats, and any finite set of runs beats it. *Not supported* means "
-    "that no check held: these numbers do not show the claim, which is not the same as showing its opposite."
+    "lower value beats). A diverged run (non-finite loss, or a curve that ends worse than it started; on "
+    "cartpole-a2c, a late evaluation return of 15 or less: the policy collapsed) counts as the worst possible "
+    "figure: it never beats, and any finite set of runs beats it. *Not supported* means that no check held: these numbers do not show the claim, which is not the same as showing its opposite."
 )
 
 # Thresholds of the rules, named so that the report can state them.
@@ -133,6 +135,8 @@ CAVEATS = {
         "Widths are measured on seed 0 alone, on a grid with factors of about 3; a range that reaches the end of "
         "the searched grid is a lower bound (marked >=). An lr a task's grid did not include counts as not good.",
         "The margin is a choice: a stricter one narrows every range.",
+        "The rule asks whether RMSProp needs its lr chosen per task, not whether it needs that more than the "
+        "others: the lines for Adam, Adagrad and SGD above give their widths and their most widely good lr.",
     ],
 }
 

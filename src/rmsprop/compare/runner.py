@@ -36,7 +36,7 @@ from rmsprop.compare.optimizers import OptimizerSpec, next_lr, optimizer_spec
 from rmsprop.compare.tasks import Task, task_by_name
 from rmsprop.diagnostics import effective_step_sizes, has_step_sizes
 
-__all__ = ["MAX_GRID_EXTENSIONS", "TUNING_SEED", "RunRequest", "best_lr", "run_study", "score", "train"]
+__all__ = ["MAX_GRID_EXTENSIONS", "TUNING_SEED", "RunRequest", "best_lr", "run_study", "train"]
 
 TUNING_SEED = 0
 MAX_GRID_EXTENSIONS = 2
@@ -47,8 +47,9 @@ def train(task: Task, spec: OptimizerSpec, lr: float, seed: int, *, quick: bool 
     """Train ``task``'s problem with ``spec`` at ``lr`` from ``seed``; the run's curves and final figures.
 
     A run *diverges* when the training loss or a final figure is not finite,
-    or when the curve metric ends worse than it started; training stops at
-    the first non-finite loss.
+    or when the curve metric ends worse than it started (or, where the task
+    has a ``failure_level``, when the final metric is no better than it);
+    training stops at the first non-finite loss.
     """
     budget = task.budget_for(quick)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -93,7 +94,11 @@ def train(task: Task, spec: OptimizerSpec, lr: float, seed: int, *, quick: bool 
     with torch.no_grad():
         final = problem.final_metrics()
     curve = curves[task.curve_metric]
-    ended_worse = curve[-1] < curve[0] if task.higher_is_better else curve[-1] > curve[0]
+    if task.failure_level is not None:
+        value = final[task.metric]
+        ended_worse = value <= task.failure_level if task.higher_is_better else value >= task.failure_level
+    else:
+        ended_worse = curve[-1] < curve[0] if task.higher_is_better else curve[-1] > curve[0]
     diverged = (
         not finite
         or not all(math.isfinite(value) for value in final.values())
@@ -113,21 +118,17 @@ def train(task: Task, spec: OptimizerSpec, lr: float, seed: int, *, quick: bool 
     }
 
 
-def score(run: Run, task: Task | dict[str, Any]) -> float:
+def _score(run: Run, metric: str, higher_is_better: bool) -> float:
     """The tuning score, lower is better: the final metric (negated if higher is better), +inf if diverged."""
-    metric, higher = (task.metric, task.higher_is_better) if isinstance(task, Task) else (
-        task["metric"],
-        task["higher_is_better"],
-    )
     value = run["final"][metric]
     if run["diverged"] or value is None or not math.isfinite(value):
         return math.inf
-    return -value if higher else value
+    return -value if higher_is_better else value
 
 
-def best_lr(runs: list[Run], task: Task | dict[str, Any]) -> float:
-    """The lr of the run with the best score; the smallest lr if all diverged."""
-    return min(runs, key=lambda run: (score(run, task), run["lr"]))["lr"]
+def best_lr(runs: list[Run], metric: str, higher_is_better: bool = False) -> float:
+    """The lr of the run with the best final ``metric``; the smallest lr if all diverged."""
+    return min(runs, key=lambda run: (_score(run, metric, higher_is_better), run["lr"]))["lr"]
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _lr_grid(task: Task, spec: OptimizerSpec, quick: bool) -> Study:
         return list(spec.quick_grid if quick else spec.lr_grid), None
     around = task_by_name(task.tune_around)
     _, tuning, _ = yield from _tune(around, spec, quick)
-    centre = best_lr(tuning, around)
+    centre = best_lr(tuning, around.metric, around.higher_is_better)
     return [next_lr(centre, up=False), centre, next_lr(centre)], centre
 
 
@@ -182,7 +183,7 @@ def _tune(task: Task, spec: OptimizerSpec, quick: bool) -> Study:
     grid, centre = yield from _lr_grid(task, spec, quick)
     tuning = yield [RunRequest(task.name, spec.name, lr, TUNING_SEED) for lr in grid]
     for _ in range(0 if quick else MAX_GRID_EXTENSIONS):
-        lr = best_lr(tuning, task)
+        lr = best_lr(tuning, task.metric, task.higher_is_better)
         if lr not in (grid[0], grid[-1]):
             break
         up = lr == grid[-1]
@@ -200,7 +201,7 @@ def _tune(task: Task, spec: OptimizerSpec, quick: bool) -> Study:
 def _study(task: Task, spec: OptimizerSpec, quick: bool, seeds: int) -> Study:
     """Tune ``spec`` on ``task``, then run it from the final seeds; the optimizer's results."""
     grid, tuning, centre = yield from _tune(task, spec, quick)
-    lr = best_lr(tuning, task)
+    lr = best_lr(tuning, task.metric, task.higher_is_better)
     runs = yield [RunRequest(task.name, spec.name, lr, seed) for seed in _final_seeds(seeds)]
     return {
         "label": spec.label,

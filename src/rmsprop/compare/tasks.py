@@ -39,6 +39,9 @@ class Task:
     lr sits), searched at this task's budget: a long run re-tuned where the
     short one left off. ``extra_curve`` (key, label) is a second logged figure
     to plot; ``env_steps_per_step`` puts environment steps on the x axis.
+    ``failure_level``, where set, replaces the check that the curve ends no
+    worse than it started: a run whose final metric is no better than it has
+    diverged (where an untrained model can score well by chance).
     ``step_cost_ms`` is a rough CPU time per step, used
     only to start the longest runs first.
     """
@@ -62,6 +65,7 @@ class Task:
     tune_around: str | None = None
     env_steps_per_step: int | None = None
     extra_curve: tuple[str, str] | None = None
+    failure_level: float | None = None
     marked_steps: Callable[[Budget], tuple[int, ...]] = lambda budget: ()
 
     def budget_for(self, quick: bool) -> Budget:
@@ -204,6 +208,8 @@ TASKS: tuple[Task, ...] = (
         log_scale=False,
         env_steps_per_step=CartPoleA2C.env_steps_per_step,
         extra_curve=("episode_return", "training episode return"),
+        # A policy that pushes one way only scores 8-10; an untrained greedy policy may score 500 by chance.
+        failure_level=15.0,
     ),
     Task(
         name="char-lstm-long",

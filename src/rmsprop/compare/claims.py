@@ -134,7 +134,8 @@ CAVEATS = {
     6: [
         "Widths are measured on seed 0 alone, on a grid with factors of about 3; a range that reaches the end of "
         "the searched grid is a lower bound (marked >=). An lr a task's grid did not include counts as not good.",
-        "The margin is a choice: a stricter one narrows every range.",
+        "The margin is a choice: a stricter one narrows every range. And it is relative to each optimizer's own "
+        "best lr: an optimizer that learns little at every lr (one that never solves adding) looks insensitive.",
         "The rule asks whether RMSProp needs its lr chosen per task, not whether it needs that more than the "
         "others: the lines for Adam, Adagrad and SGD above give their widths and their most widely good lr.",
     ],
@@ -352,7 +353,8 @@ def _within_best(
             continue
         task = tasks[task_name]
         best_name, stats = _best(task)
-        lines.append(f"{task_name}: best {best_name} {stats[best_name]}; adagrad {stats['adagrad']}")
+        versus_adagrad = "" if best_name == "adagrad" else f"; adagrad {stats['adagrad']}"
+        lines.append(f"{task_name}: best {best_name} {stats[best_name]}{versus_adagrad}")
         adagrad = oriented_values(task, task["optimizers"]["adagrad"])
         for name in _variants(task):
             ratio = _ratio_to_best(task, stats[name].mean, stats[best_name].mean)
@@ -444,7 +446,7 @@ def _claim_5(tasks: dict[str, Any]) -> tuple[list[bool], list[str], dict[str, An
             slower_somewhere[name] |= slower
             numbers[f"{task_name}/{name}"] = {"target": sign * target, "steps": variant_time, "adam_steps": adam_time}
             lines.append(
-                f"{task_name}, {name}: {_steps(variant_time)} steps to {sign * target:.4g} vs Adam "
+                f"{task_name}, {name}: steps to {sign * target:.4g}: {_steps(variant_time)} vs Adam "
                 f"{_steps(adam_time)}{' (slower)' if slower else ''}"
             )
     checks = [slower_somewhere[name] for name in RMSPROP_VARIANTS if name in seen]

@@ -70,7 +70,7 @@ def plot_task(task: dict[str, Any]) -> plt.Figure:
         steps, mean, std = mean_curve(optimizer, task["curve_metric"])
         _band(curves, _x(task, steps), mean, std, f"{name} (lr={optimizer['best_lr']:g})", COLORS[name])
         if extra:
-            steps, mean, std = mean_curve(optimizer, extra[0])
+            steps, mean, std = _mean_where_logged(optimizer, extra[0])
             _band(axes[1], _x(task, steps), mean, std, name, COLORS[name])
         grid = [run["lr"] for run in optimizer["tuning"]]
         finals = [np.nan if run["diverged"] else run["final"][task["metric"]] for run in optimizer["tuning"]]
@@ -134,6 +134,19 @@ def plot_lr_sensitivity(tasks: list[dict[str, Any]]) -> plt.Figure:
         "of the best lr's progress over the untrained model"
     )
     return figure
+
+
+def _mean_where_logged(optimizer: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps, mean and std over the final runs that logged ``key`` at each point (episodes end irregularly)."""
+    runs = optimizer["runs"]
+    steps = np.asarray(runs[0]["curves"]["step"], dtype=float)
+    table = np.array([[np.nan if v is None else v for v in run["curves"][key]] for run in runs], dtype=float)
+    logged = np.isfinite(table).sum(axis=0)
+    total = np.where(np.isfinite(table), table, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / logged
+        spread = np.where(np.isfinite(table), (table - mean) ** 2, 0.0).sum(axis=0) / (logged - 1)
+    return steps, mean, np.sqrt(np.where(logged > 1, spread, 0.0))
 
 
 def _band(axes: plt.Axes, steps: np.ndarray, mean: np.ndarray, std: np.ndarray, label: str, color) -> None:

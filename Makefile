@@ -29,7 +29,8 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/rmsprop demo
 
-# The full study of RMSProp's claims (docs/results/): 7.5 CPU-minutes, 14 minutes on 2 busy shared cores.
+# The full study of RMSProp's claims (docs/results/): 43 CPU-minutes over one worker process per core;
+# 36 minutes on 2 busy shared cores.
 compare: $(INSTALLED)
 	$(BIN)/rmsprop compare --out docs/results
 

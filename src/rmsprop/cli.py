@@ -27,14 +27,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    missing = [name for name in ("matplotlib", "sklearn", "tqdm") if importlib.util.find_spec(name) is None]
+    missing = [
+        name for name in ("matplotlib", "sklearn", "tqdm", "gymnasium") if importlib.util.find_spec(name) is None
+    ]
     if missing:
         print(f"rmsprop compare needs {', '.join(missing)}: pip install 'rmsprop[compare]'", file=sys.stderr)
         return 2
     from rmsprop.compare import compare
 
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    results = compare(args.task or TASK_NAMES, out_dir=args.out, quick=args.quick, seeds=seeds)
+    results = compare(
+        args.task or TASK_NAMES, out_dir=args.out, quick=args.quick, seeds=args.seeds, workers=args.workers
+    )
     for claim in results["claims"]:
         print(f"Claim {claim['number']}: {claim['verdict']} ({claim.get('held', '-')} checks held)")
     print(f"Wrote report.md, results.json and plots to {args.out}")
@@ -124,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--quick", action="store_true", help="tiny budgets, 3-point lr grid: a smoke run (< 60 s)")
     compare.add_argument(
-        "--seeds", type=_positive_int, default=None, help="seeds per optimizer after tuning (default: 3, 1 with --quick)"
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help="seeds per optimizer after tuning (default: each task's 3 or 5, 1 with --quick)",
+    )
+    compare.add_argument(
+        "--workers", type=_positive_int, default=None, help="worker processes for the runs (default: one per CPU core)"
     )
     compare.add_argument("--out", default="compare-results", help="output folder (default: compare-results)")
     compare.set_defaults(run=_compare)

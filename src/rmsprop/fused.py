@@ -151,7 +151,7 @@ def _all_plain_strided_contiguous(tensors: list[Tensor]) -> bool:
 
 
 def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_steps: list[Tensor]) -> bool:
-    """The check of :func:`unsupported_reason`, one C-level pass per property (~1 us per parameter)."""
+    """The check of :func:`unsupported_reason`, one C-level pass per property."""
     if not all(map(_all_plain_strided_contiguous, (params, *buffers))):
         return False
     dtypes, shapes, devices = list(map(_DTYPE, params)), list(map(_SHAPE, params)), list(map(_DEVICE, params))

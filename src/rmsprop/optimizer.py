@@ -114,8 +114,8 @@ class RMSprop(Optimizer):
             takes it where it supports the tensors (dense contiguous CPU or
             CUDA tensors of float or complex dtype, where the CPU kernel is
             built or triton installed) and ``foreach`` is ``None``; ``True``
-            requires it (default: None). bf16 and 8-bit state have CPU
-            kernels of their own, from a parameter's second step on. Under
+            requires it (default: None). bf16 and 8-bit state take the same
+            kernel from a parameter's second step on. Under
             ``torch.compile`` the step is traced through the torch ops
             instead, which the compiler fuses itself.
 
@@ -352,7 +352,7 @@ class RMSprop(Optimizer):
         """Plans of the full-precision fused groups whose CPU tensors the CPU kernel gathered and checked itself.
 
         The kernel reads each param's gradient and state and checks them all
-        (0.1-0.5 us per param); it declines a group with a missing, sparse,
+        itself; it declines a group with a missing, sparse,
         non-CPU or mismatched tensor, or no state yet, which then takes the
         Python gathering below, with its errors and state creation.
         """

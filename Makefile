@@ -17,7 +17,7 @@ TIMM := timm==1.0.31
 # torch is named with the extras so that none of them can replace the CPU build. --no-compile:
 # Python compiles a module when it is first imported; pip compiling every module of the
 # frameworks (transformers alone has thousands) took most of their install time.
-$(INSTALLED): pyproject.toml setup.py Makefile $(wildcard src/rmsprop/csrc/cpu/*)
+$(INSTALLED): pyproject.toml setup.py Makefile $(wildcard src/rmsprop/backends/cpu/csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH) $(TRITON)
 	$(BIN)/pip install --quiet --no-compile $(TORCH) -e '.[test,recipes,docs]'

@@ -1,9 +1,9 @@
-"""Builds the fused CPU kernel (src/rmsprop/csrc/cpu) at install time; everything else is in pyproject.toml.
+"""Builds the fused CPU kernel (src/rmsprop/backends/cpu/csrc) at install time; everything else is in pyproject.toml.
 
 Each instruction set's translation unit gets its own flags, so one build runs
 the best code of any x86-64 CPU (AVX-512, AVX2 or neither, chosen at run time).
 It needs a C++20 compiler and the Python headers, not torch. Without a
-compiler the package still installs and steps with torch's paths (rmsprop.cpu_kernel).
+compiler the package still installs and steps with torch's paths (rmsprop.backends.cpu.kernel).
 """
 
 import importlib.util
@@ -12,11 +12,11 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-_spec = importlib.util.spec_from_file_location("kernel_build", Path(__file__).parent / "src/rmsprop/kernel_build.py")
+_spec = importlib.util.spec_from_file_location("kernel_build", Path(__file__).parent / "src/rmsprop/backends/cpu/build.py")
 kernel_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernel_build)
 
-SOURCES = Path("src/rmsprop/csrc/cpu")
+SOURCES = Path("src/rmsprop/backends/cpu/csrc")
 
 
 class BuildKernel(build_ext):
@@ -43,6 +43,6 @@ class BuildKernel(build_ext):
 
 setup(
     # optional: where it fails to build (no compiler), setuptools warns and installs the rest.
-    ext_modules=[Extension("rmsprop._cpu_kernel", sources=[str(SOURCES / kernel_build.MODULE_SOURCE)], optional=True)],
+    ext_modules=[Extension("rmsprop.backends.cpu._cpu_kernel", sources=[str(SOURCES / kernel_build.MODULE_SOURCE)], optional=True)],
     cmdclass={"build_ext": BuildKernel},
 )

@@ -17,7 +17,7 @@ import torch
 from rmsprop import RMSprop, reference
 
 SHAPES = [(3, 5), (7,), (2, 3, 4), (), (0,), (300,)]
-# A tensor over two of the CPU kernel's chunks (kChunk = 2^16 elements, csrc/cpu/kernel.h),
+# A tensor over two of the CPU kernel's chunks (kChunk = 2^16 elements, backends/cpu/csrc/kernel.h),
 # in a few tests only: chunking does not depend on the flags.
 LARGE_SHAPES = [(70_001,), (5,)]
 LRS = [0.05, 0.02, 0.08, 0.03]  # one per step

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from rmsprop.bench import (
+from rmsprop.tools.bench import (
     BOUND,
     FUSED,
     TORCH_COMPILED,
@@ -24,7 +24,7 @@ from rmsprop.bench import (
     state_precision_cases,
     transformer_shapes,
 )
-from rmsprop.cli import main
+from rmsprop.tools.cli import main
 
 IMPLEMENTATIONS = ["torch for-loop", "torch foreach", "rmsprop for-loop", "rmsprop foreach", "rmsprop fused"]
 

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from rmsprop import __version__
-from rmsprop.cli import build_parser, main
+from rmsprop.tools.cli import build_parser, main
 
 
 def test_help_lists_the_demo(capsys):
@@ -40,7 +40,7 @@ def test_build_kernel_says_where_the_kernel_comes_from(capsys):
 @pytest.fixture
 def kernel_not_installed(monkeypatch, tmp_path):
     """An installation without the kernel, whose build directory is tmp_path."""
-    from rmsprop import cpu_kernel
+    from rmsprop.backends.cpu import kernel as cpu_kernel
 
     monkeypatch.setenv("RMSPROP_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_installed_spec", lambda: None)
@@ -59,7 +59,7 @@ def test_build_kernel_fails_clearly_without_a_compiler(capsys, monkeypatch, kern
 
 @pytest.mark.slow
 def test_build_kernel_builds_what_the_install_did_not_and_steps_load_it(capsys, kernel_not_installed, tmp_path):
-    from rmsprop import cpu_kernel
+    from rmsprop.backends.cpu import kernel as cpu_kernel
 
     assert cpu_kernel.kernel() is None
     assert main(["build-kernel"]) == 0

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rmsprop.cli import main
-from rmsprop.compare import TASK_NAMES, compare, write_outputs
-from rmsprop.compare import runner
-from rmsprop.compare.cartpole import CartPoleA2C
-from rmsprop.compare.claims import (
+from rmsprop.tools.cli import main
+from rmsprop.tools.compare import TASK_NAMES, compare, write_outputs
+from rmsprop.tools.compare import runner
+from rmsprop.tools.compare.cartpole import CartPoleA2C
+from rmsprop.tools.compare.claims import (
     CLAIMS,
     beats,
     evaluate_claims,
@@ -24,9 +24,9 @@ from rmsprop.compare.claims import (
     phase_summary,
     steps_to_target,
 )
-from rmsprop.compare.optimizers import OPTIMIZERS, RMSPROP_VARIANTS, next_lr, optimizer_spec
-from rmsprop.compare.plots import SENSITIVITY_PLOT
-from rmsprop.compare.problems import (
+from rmsprop.tools.compare.optimizers import OPTIMIZERS, RMSPROP_VARIANTS, next_lr, optimizer_spec
+from rmsprop.tools.compare.plots import SENSITIVITY_PLOT
+from rmsprop.tools.compare.problems import (
     Adding,
     CharLSTM,
     DigitsCNN,
@@ -36,8 +36,8 @@ from rmsprop.compare.problems import (
     digits_splits,
     pydoc_text,
 )
-from rmsprop.compare.runner import MAX_GRID_EXTENSIONS, RunRequest, best_lr, train
-from rmsprop.compare.tasks import task_by_name
+from rmsprop.tools.compare.runner import MAX_GRID_EXTENSIONS, RunRequest, best_lr, train
+from rmsprop.tools.compare.tasks import task_by_name
 
 VERDICTS = ("supported", "not supported", "mixed")
 CLAIM_NUMBERS = list(CLAIMS)

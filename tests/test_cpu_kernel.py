@@ -1,4 +1,4 @@
-"""The fused CPU kernel (rmsprop.cpu_kernel, csrc/cpu): instruction sets, machine code, gathering.
+"""The fused CPU kernel (rmsprop.backends.cpu.kernel, backends/cpu/csrc): instruction sets, machine code, gathering.
 
 Its results are checked against the for-loop path and the per-tensor
 low-precision path in tests/test_fused.py (with every instruction set this
@@ -21,7 +21,8 @@ import sys
 import pytest
 import torch
 
-from rmsprop import RMSprop, cpu_kernel
+from rmsprop import RMSprop
+from rmsprop.backends.cpu import kernel as cpu_kernel
 from fused_checks import make_gradients, make_params, run_steps, square_rooting, state_tensors
 
 pytestmark = pytest.mark.skipif(cpu_kernel.kernel() is None, reason="the CPU kernel is not built")
@@ -40,7 +41,7 @@ def test_an_x86_build_holds_every_instruction_set_and_picks_the_best_this_cpu_ru
 
 
 def _chosen_in_a_fresh_process(value: str) -> subprocess.CompletedProcess:
-    code = "from rmsprop import cpu_kernel; print(cpu_kernel.instruction_set())"
+    code = "from rmsprop.backends.cpu import kernel as cpu_kernel; print(cpu_kernel.instruction_set())"
     environment = {**os.environ, cpu_kernel.INSTRUCTION_SET_VARIABLE: value}
     return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
 

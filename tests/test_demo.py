@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rmsprop import RMSprop
-from rmsprop.demo import train
+from rmsprop.tools.demo import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

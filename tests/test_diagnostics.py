@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from rmsprop import RMSprop
-from rmsprop.diagnostics import effective_step_size_tensors, effective_step_sizes, has_step_sizes
-from rmsprop.state_precision import BLOCK_SIZE, UNSIGNED_MAP
+from rmsprop.core.diagnostics import effective_step_size_tensors, effective_step_sizes, has_step_sizes
+from rmsprop.formats.layout import BLOCK_SIZE
+from rmsprop.formats.maps import UNSIGNED_MAP
 
 
 def _stepped(optimizer_class, grads, values=(1.0, 2.0, 3.0), **settings):

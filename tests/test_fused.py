@@ -1,4 +1,4 @@
-"""The fused CPU path (rmsprop.fused) against the for-loop path and the NumPy reference.
+"""The fused CPU path (rmsprop.backends.fused) against the for-loop path and the NumPy reference.
 
 Tolerances, after four steps:
 
@@ -27,10 +27,12 @@ import copy
 import pytest
 import torch
 
-import rmsprop.cpu_kernel
-import rmsprop.fused
-from rmsprop import RMSprop, state_precision
-from rmsprop.fused import unsupported_reason
+import rmsprop.backends.cpu.kernel
+import rmsprop.backends.fused
+from rmsprop import RMSprop
+from rmsprop.formats.codecs import dequantize_blockwise
+from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
+from rmsprop.backends.fused import unsupported_reason
 from fused_checks import (
     FLAG_COMBINATIONS,
     LARGE_SHAPES,
@@ -128,15 +130,15 @@ def test_fused_bumps_the_version_of_updated_parameters():
 def _uses_fused(monkeypatch, optimizer: RMSprop) -> bool:
     """Whether ``optimizer.step()`` runs the fused kernel."""
     calls = []
-    import rmsprop.fused
+    import rmsprop.core.optimizer
 
-    original = rmsprop.fused.fused_rmsprop
+    original = rmsprop.core.optimizer.fused_rmsprop
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rmsprop.fused, "fused_rmsprop", spy)
+    monkeypatch.setattr(rmsprop.core.optimizer, "fused_rmsprop", spy)
     optimizer.step()
     monkeypatch.undo()
     return bool(calls)
@@ -330,23 +332,23 @@ def test_unsupported_reason_names_a_state_tensor_on_another_device():
 
 def test_missing_backend_names_what_a_cuda_step_needs(monkeypatch):
     """Checked from the device, so no GPU is needed here."""
-    monkeypatch.setattr(rmsprop.fused, "triton_available", lambda: False)
+    monkeypatch.setattr(rmsprop.backends.fused, "triton_available", lambda: False)
     message = "triton is not installed (the fused path on CUDA tensors is a Triton kernel)"
-    assert rmsprop.fused.missing_backend(torch.device("cuda")) == message
+    assert rmsprop.backends.fused.missing_backend(torch.device("cuda")) == message
 
 
 @pytest.fixture
 def without_the_cpu_kernel(monkeypatch):
     """An installation whose CPU kernel was not built (no compiler at install time)."""
-    monkeypatch.setattr(rmsprop.cpu_kernel, "_extension", lambda: (None, "the fused CPU kernel is not built (test)"))
-    rmsprop.cpu_kernel.warn_fallback.cache_clear()
+    monkeypatch.setattr(rmsprop.backends.cpu.kernel, "_extension", lambda: (None, "the fused CPU kernel is not built (test)"))
+    rmsprop.backends.cpu.kernel.warn_fallback.cache_clear()
     yield
-    rmsprop.cpu_kernel.warn_fallback.cache_clear()
+    rmsprop.backends.cpu.kernel.warn_fallback.cache_clear()
 
 
 def test_missing_backend_on_cpu_is_the_unbuilt_kernel_and_warns_once(without_the_cpu_kernel):
     with pytest.warns(UserWarning, match=r"not built \(test\); CPU steps use torch's foreach and for-loop paths"):
-        assert rmsprop.fused.missing_backend(torch.device("cpu")) == "the fused CPU kernel is not built (test)"
+        assert rmsprop.backends.fused.missing_backend(torch.device("cpu")) == "the fused CPU kernel is not built (test)"
 
 
 @pytest.mark.filterwarnings("ignore:rmsprop. the fused CPU kernel is not built")
@@ -373,12 +375,12 @@ def test_without_the_cpu_kernel_every_step_takes_the_torch_paths(without_the_cpu
 @pytest.fixture(params=["avx512", "avx2", "portable"])
 def instruction_set(request):
     """Each instruction set the kernel is built for, where this CPU runs it."""
-    if request.param not in rmsprop.cpu_kernel.available_instruction_sets():
+    if request.param not in rmsprop.backends.cpu.kernel.available_instruction_sets():
         pytest.skip(f"this CPU does not run {request.param}")
-    chosen = rmsprop.cpu_kernel.instruction_set()
-    rmsprop.cpu_kernel.select_instruction_set(request.param)
+    chosen = rmsprop.backends.cpu.kernel.instruction_set()
+    rmsprop.backends.cpu.kernel.select_instruction_set(request.param)
     yield request.param
-    rmsprop.cpu_kernel.select_instruction_set(chosen)
+    rmsprop.backends.cpu.kernel.select_instruction_set(chosen)
 
 
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::5], ids=combination_id)
@@ -408,10 +410,10 @@ def test_a_negative_infinite_second_moment_is_clamped_to_zero_as_the_for_loop_do
 
 # --- low-precision state ------------------------------------------------------------
 #
-# The fused kernels for bf16 and 8-bit state (rmsprop.fused.fused_rmsprop_encoded)
+# The fused kernels for bf16 and 8-bit state (rmsprop.backends.fused.fused_rmsprop_encoded)
 # against the per-tensor path (fused=False: decode, torch's rule, encode), one
 # step at a time from the same stored state. Both draw the same rounding noise
-# per element (rmsprop.state_precision.rounding_bits), so they differ only
+# per element (rmsprop.formats.noise.rounding_bits), so they differ only
 # through float32 rounding: a few ulps in the decoded-and-updated values, which
 # moves a value across a stochastic rounding threshold with probability
 # (difference / spacing of the stored values), about 2^-16 per element for
@@ -465,16 +467,16 @@ def _check_same_step(fused: RMSprop, fused_params: list, loop: RMSprop, loop_par
 
 def _spy_on_encoded_kernels(monkeypatch) -> list[int]:
     """How many parameters each call of the low-precision fused path got."""
-    import rmsprop.optimizer
+    import rmsprop.core.optimizer
 
     calls = []
-    original = rmsprop.optimizer.fused_rmsprop_encoded
+    original = rmsprop.core.optimizer.fused_rmsprop_encoded
 
     def spy(params, *args):
         calls.append(len(params))
         return original(params, *args)
 
-    monkeypatch.setattr(rmsprop.optimizer, "fused_rmsprop_encoded", spy)
+    monkeypatch.setattr(rmsprop.core.optimizer, "fused_rmsprop_encoded", spy)
     return calls
 
 
@@ -605,12 +607,12 @@ def test_fused_8bit_state_makes_the_block_of_a_nan_non_finite_as_the_per_tensor_
         optimizer.step()
         state = optimizer.state[param]
         for key, qmap in (
-            ("grad_variance", state_precision.UNSIGNED_MAP),
-            ("grad_avg", state_precision.SIGNED_MAP),
-            ("momentum_buffer", state_precision.SIGNED_MAP),
+            ("grad_variance", UNSIGNED_MAP),
+            ("grad_avg", SIGNED_MAP),
+            ("momentum_buffer", SIGNED_MAP),
         ):
             absmax = state[f"{key}_absmax"]
             assert absmax[1].isnan() and absmax[[0, 2, -1]].isfinite().all(), (fused, key)
-            decoded = state_precision.dequantize_blockwise(state[key], absmax, qmap)
+            decoded = dequantize_blockwise(state[key], absmax, qmap)
             assert decoded[256:512].isnan().all() and decoded[:256].isfinite().all(), (fused, key)
     assert calls == [0, 1, 0, 0]

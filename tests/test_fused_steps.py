@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rmsprop.cpu_kernel
+import rmsprop.backends.cpu.kernel
 from rmsprop import RMSprop
 
 
@@ -288,7 +288,7 @@ def test_a_group_off_the_cpu_never_asks_the_cpu_kernel(monkeypatch):
 
     param = torch.nn.Parameter(torch.ones(3, device="meta"))
     optimizer = RMSprop([param])
-    monkeypatch.setattr(rmsprop.cpu_kernel, "gather_group", fail)
+    monkeypatch.setattr(rmsprop.backends.cpu.kernel, "gather_group", fail)
     for _ in range(2):
         param.grad = torch.ones(3, device="meta")
         optimizer.step()

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from rmsprop import memory_bench
-from rmsprop.cli import main
-from rmsprop.memory_bench import Run, build_parser, dynamic_range, quality_table, train
+from rmsprop.tools import memory_bench
+from rmsprop.tools.cli import main
+from rmsprop.tools.memory_bench import Run, build_parser, dynamic_range, quality_table, train
 
 
 def test_dynamic_range_counts_zeros_of_square_avg_codes_but_not_of_root_codes():

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from rmsprop import RMSprop
-from rmsprop.presets import PRESET_SOURCES, PRESETS, preset_settings
+from rmsprop.core.presets import PRESET_SOURCES, PRESETS, preset_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "frameworks.json").read_text())

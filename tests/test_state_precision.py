@@ -10,19 +10,11 @@ import pytest
 import torch
 
 from rmsprop import RMSprop
-from rmsprop.state_precision import (
-    BLOCK_SIZE,
-    SIGNED_MAP,
-    UNSIGNED_MAP,
-    dequantize_blockwise,
-    quantize_blockwise,
-    bf16_noise,
-    rounding_bits,
-    rounding_seed,
-    state_bytes,
-    stochastic_round_bf16,
-    uniform_noise,
-)
+from rmsprop.formats.checkpoint import state_bytes
+from rmsprop.formats.codecs import dequantize_blockwise, quantize_blockwise, stochastic_round_bf16
+from rmsprop.formats.layout import BLOCK_SIZE
+from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
+from rmsprop.formats.noise import bf16_noise, rounding_bits, rounding_seed, uniform_noise
 
 LOW = ["bf16", "8bit"]
 

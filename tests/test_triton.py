@@ -1,4 +1,4 @@
-"""The Triton kernel of the fused CUDA path (rmsprop._triton_kernels).
+"""The Triton kernel of the fused CUDA path (rmsprop.backends.triton_kernel).
 
 Without a GPU, the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``
 while its module is imported), which executes the same kernel source with
@@ -29,11 +29,11 @@ import torch
 
 pytest.importorskip("triton")
 
-import rmsprop.fused  # noqa: E402
-import rmsprop.cpu_kernel  # noqa: E402
-import rmsprop.optimizer  # noqa: E402
+import rmsprop.backends.fused  # noqa: E402
+import rmsprop.backends.cpu.kernel  # noqa: E402
+import rmsprop.core.optimizer  # noqa: E402
 from rmsprop import RMSprop  # noqa: E402
-from rmsprop.functional import Hyperparameters  # noqa: E402
+from rmsprop.core.hyperparameters import Hyperparameters  # noqa: E402
 from fused_checks import (  # noqa: E402
     FLAG_COMBINATIONS,
     check_float64_against_reference,
@@ -48,15 +48,15 @@ CUDA = torch.cuda.is_available()
 
 
 def _import_kernels(interpret: bool):
-    """``rmsprop._triton_kernels``; with ``interpret``, its kernel is defined for the interpreter."""
+    """``rmsprop.backends.triton_kernel``; with ``interpret``, its kernel is defined for the interpreter."""
     if not interpret:
-        from rmsprop import _triton_kernels
+        from rmsprop.backends import triton_kernel as _triton_kernels
 
         return _triton_kernels
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs, at import
     try:
-        from rmsprop import _triton_kernels
+        from rmsprop.backends import triton_kernel as _triton_kernels
 
         return _triton_kernels
     finally:
@@ -95,9 +95,9 @@ def triton_on_cpu(monkeypatch):
         calls.append(1)
         kernels.rmsprop_step(*lists, hp, float(hp.lr), **chunking)
 
-    monkeypatch.setitem(rmsprop.fused._BACKENDS, "cpu", triton_step)
+    monkeypatch.setitem(rmsprop.backends.fused._BACKENDS, "cpu", triton_step)
     # Steps after the first would otherwise go to the CPU kernel, which gathers the tensors itself.
-    monkeypatch.setattr(rmsprop.cpu_kernel, "kernel", lambda: None)
+    monkeypatch.setattr(rmsprop.backends.cpu.kernel, "kernel", lambda: None)
     yield chunking
     assert calls, "the Triton kernel was not called"
 
@@ -227,8 +227,8 @@ def _train_cuda(dtype: torch.dtype, settings: dict, **path) -> tuple[RMSprop, li
 
 def _triton_launches(monkeypatch) -> list:
     calls = []
-    cuda = rmsprop.fused._BACKENDS["cuda"]
-    monkeypatch.setitem(rmsprop.fused._BACKENDS, "cuda", lambda *args: (calls.append(1), cuda(*args)))
+    cuda = rmsprop.backends.fused._BACKENDS["cuda"]
+    monkeypatch.setitem(rmsprop.backends.fused._BACKENDS, "cuda", lambda *args: (calls.append(1), cuda(*args)))
     return calls
 
 
@@ -272,7 +272,7 @@ def test_cuda_capturable_falls_back_to_foreach(monkeypatch):
 
 @cuda_only
 def test_cuda_fused_true_without_triton_names_the_argument(monkeypatch):
-    monkeypatch.setattr(rmsprop.fused, "triton_available", lambda: False)
+    monkeypatch.setattr(rmsprop.backends.fused, "triton_available", lambda: False)
     with pytest.raises(ValueError, match="Invalid fused: True .*triton is not installed"):
         RMSprop(_cuda_params(torch.float32), fused=True)
     calls = _triton_launches(monkeypatch)
@@ -290,7 +290,7 @@ def test_triton_kernel_module_is_imported_only_for_a_cuda_step():
         "from rmsprop import RMSprop\n"
         "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
         "RMSprop([p]).step()\n"
-        "print('rmsprop._triton_kernels' in sys.modules)\n"
+        "print('rmsprop.backends.triton_kernel' in sys.modules)\n"
     )
     import subprocess
     import sys

@@ -5,9 +5,9 @@
 >>> optimizer = RMSprop.from_preset("keras", model.parameters())           # doctest: +SKIP
 """
 
-from rmsprop import reference
-from rmsprop.optimizer import RMSprop
-from rmsprop.presets import PRESET_SOURCES, PRESETS
+from rmsprop.core import reference
+from rmsprop.core.optimizer import RMSprop
+from rmsprop.core.presets import PRESET_SOURCES, PRESETS
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 import sys
 
-from rmsprop.cli import main
+from rmsprop.tools.cli import main
 
 sys.exit(main())

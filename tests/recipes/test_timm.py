@@ -1,4 +1,4 @@
-"""timm's optimizer factory with ``rmsprop.RMSprop``: :mod:`rmsprop.timm_optim` registers the presets.
+"""timm's optimizer factory with ``rmsprop.RMSprop``: :mod:`rmsprop.integrations.timm` registers the presets.
 
 timm imports torchvision, which loads only as the build made for the installed torch; where
 timm cannot be imported the tests skip and say why.
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rmsprop import PRESETS, RMSprop
-from rmsprop.timm_optim import register_timm_optimizers, timm_name
+from rmsprop.integrations.timm import register_timm_optimizers, timm_name
 
 pytestmark = pytest.mark.recipes
 
@@ -48,7 +48,7 @@ def test_every_preset_is_registered_under_a_name_timm_can_parse(registry):
 
 def test_create_optimizer_v2_builds_our_optimizer_with_the_presets_settings():
     # --8<-- [start:registry]
-    from rmsprop.timm_optim import register_timm_optimizers
+    from rmsprop.integrations.timm import register_timm_optimizers
 
     register_timm_optimizers()  # rmsprop-pytorch, rmsprop-keras, rmsprop-tf1, ...
     model = small_net()

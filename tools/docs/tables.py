@@ -7,7 +7,7 @@ README.md is up to date.
 
 - ``presets``: :data:`rmsprop.PRESETS` and :data:`rmsprop.PRESET_SOURCES`;
 - ``benchmark``: the latest run of ``rmsprop bench``, docs/benchmark.json, one row per case;
-- ``benchmark-full``: the same run, every implementation (``rmsprop.bench.markdown_table``);
+- ``benchmark-full``: the same run, every implementation (``rmsprop.tools.bench.markdown_table``);
 - ``cli``: ``rmsprop --help`` and each command's help.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from rmsprop import PRESET_SOURCES, PRESETS
-from rmsprop.bench import FUSED, TORCH_COMPILED, TORCH_FOREACH, TORCH_LOOP, markdown_table
-from rmsprop.cli import build_parser
+from rmsprop.tools.bench import FUSED, TORCH_COMPILED, TORCH_FOREACH, TORCH_LOOP, markdown_table
+from rmsprop.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK_JSON = ROOT / "docs" / "benchmark.json"

@@ -1,0 +1,1 @@
+"""Registrations of the optimizer in frameworks' own factories."""

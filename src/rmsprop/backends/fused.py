@@ -1,30 +1,19 @@
-r"""The fused path: the whole RMSProp step in one pass over memory, on CPU or CUDA.
+r"""The fused kernels' entry: which tensors they take, and the call of the kernel of each device.
 
-One kernel reads each element of ``p``, ``g``, ``v`` (and ``m``, ``b`` where
-used) once, applies the whole rule of :mod:`rmsprop.core.functional` and writes
-them back. This module checks the tensors and picks the kernel by device:
+One pass reads each element of ``p``, ``g``, ``v`` (and ``m``, ``b`` where
+used) once, applies the whole rule and writes them back: the CPU kernel
+(:mod:`rmsprop.backends.cpu.kernel`) for CPU tensors, the Triton kernel
+(:mod:`rmsprop.backends.triton_kernel`) for CUDA tensors. Elements are
+computed in float32 (float64 for float64 tensors): results equal torch's
+paths within that type's rounding, not bit for bit.
 
-- CPU tensors: the CPU kernel (:mod:`rmsprop.backends.cpu.kernel`, built when the
-  package is installed), all tensors of a dtype in one call.
-- CUDA tensors: a Triton kernel (:mod:`rmsprop.backends.triton_kernel`).
-
-Elements are computed in float32 (float64 for float64 tensors), so results
-equal the for-loop path within that type's rounding, not bit for bit.
-``fused=False`` keeps torch's numbers bit for bit.
-
-Supported: dense contiguous CPU tensors (where the CPU kernel is built) or
-CUDA tensors (with triton installed) of float32, float64, bfloat16, float16,
+Taken: dense contiguous tensors of float32, float64, bfloat16, float16,
 complex64 or complex128 (as pairs of reals), parameter, gradient and state of
-one dtype on one device, steps on the CPU, with every flag of the rule.
-:func:`unsupported_reason` says why other inputs are not; the optimizer then
-falls back to the other paths.
-
-Low-precision state (:mod:`rmsprop.formats`) is decoded, updated and
-encoded again in the same pass (:func:`fused_rmsprop_encoded`) with the
-noise of :func:`rmsprop.formats.noise.rounding_bits`: the kernel and the
-per-tensor path agree within float32 rounding, except where that rounding
-moves a value across a stochastic rounding threshold. On CUDA, low-precision
-state takes the per-tensor path. The design: docs/design/cpu-kernel.md.
+one dtype on one device, steps as 1-element CPU tensors, every flag of the
+rule. :func:`unsupported_reason` and :func:`encoded_unsupported_reason` say
+why other inputs are not. Low-precision state (:mod:`rmsprop.formats`) is
+decoded, updated and encoded in the same pass (:func:`fused_rmsprop_encoded`)
+with the reference's noise (:func:`rmsprop.formats.noise.rounding_noise`).
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@ r"""The :class:`RMSprop` optimizer: a drop-in ``torch.optim.RMSprop`` with every
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
+import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,30 +16,25 @@ from torch import Tensor
 from torch.optim.optimizer import (
     Optimizer,
     ParamsT,
-    _default_to_fused_or_foreach,
     _get_scalar_dtype,
     _use_grad_for_differentiable,
 )
 
 from rmsprop.backends.cpu import kernel as cpu_kernel
-from rmsprop.backends.fused import (
-    encoded_unsupported_reason,
-    fused_rmsprop,
-    fused_rmsprop_encoded,
-    missing_backend,
-    unsupported_dtype_or_layout,
-    unsupported_reason,
-)
+from rmsprop.backends.fused import fused_rmsprop, fused_rmsprop_encoded, missing_backend, unsupported_dtype_or_layout
 from rmsprop.backends.per_tensor import step_encoded
+from rmsprop.backends.plan import GroupPlan, fused_wanted, plan_full_precision, plan_low_precision, uses_foreach
 from rmsprop.core.functional import rmsprop
 from rmsprop.core.hyperparameters import Hyperparameters
 from rmsprop.core.presets import preset_settings
 from rmsprop.core.validation import check_settings
 from rmsprop.formats import checkpoint
 from rmsprop.formats.codecs import convert_state
-from rmsprop.formats.layout import holds_group_layout, mean_weight, target_format
+from rmsprop.formats.layout import holds_group_layout, is_in_format, mean_weight, target_format
 
 __all__ = ["RMSprop"]
+
+_log = logging.getLogger("rmsprop")
 
 # State entries that have the parameter's shape.
 _BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
@@ -354,12 +351,13 @@ class RMSprop(Optimizer):
         return has_complex
 
     def _gathered_fused_groups(self) -> dict[int, Any]:
-        """Plans of the full-precision fused groups whose CPU tensors the CPU kernel gathered and checked itself.
+        """Kernel plans of the full-precision CPU groups whose tensors the CPU kernel gathered and checked itself.
 
         The kernel reads each param's gradient and state and checks them all
-        itself; it declines a group with a missing, sparse,
-        non-CPU or mismatched tensor, or no state yet, which then takes the
-        Python gathering below, with its errors and state creation.
+        itself; it declines a group with a missing, sparse, non-CPU or
+        mismatched tensor, or no state yet, which the Python planning below
+        then takes, with its errors and state creation. It decides as
+        :func:`rmsprop.backends.plan.plan_full_precision` would, only faster.
         """
         plans: dict[int, Any] = {}
         # Low-precision groups may have their state converted before the step.
@@ -369,7 +367,7 @@ class RMSprop(Optimizer):
             if group["state_precision"] != "full" or group["differentiable"] or group["capturable"]:
                 continue
             # A CUDA group goes to the Triton kernel: no gathering to refuse.
-            if not (_fused_wanted(group) and group["params"] and group["params"][0].is_cpu):
+            if fused_wanted(group) is not None or not (group["params"] and group["params"][0].is_cpu):
                 continue
             if cpu_kernel.kernel() is None:
                 break
@@ -395,6 +393,9 @@ class RMSprop(Optimizer):
     def step(self, closure=None):
         """Perform a single optimization step.
 
+        Every group is checked and planned (:meth:`plan`) before any is
+        stepped, so a refused step changes nothing.
+
         Args:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
@@ -403,114 +404,166 @@ class RMSprop(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        runs = self._check_and_plan()
+        for run in runs:
+            run()
+        self._note_state_precisions()
+        return loss
 
+    def plan(self) -> list[GroupPlan]:
+        """How the next :meth:`step` would run each param group, as it stands now, without changing anything.
+
+        Each :class:`~rmsprop.backends.plan.GroupPlan` names the backends that
+        step the group's params with gradients (``"cpu-kernel"``,
+        ``"triton"``, ``"foreach"``, ``"for-loop"``, ``"per-tensor"``) and why
+        each other one does not. ``print(*optimizer.plan(), sep="\\n")`` shows
+        them; the ``rmsprop`` logger logs a group's plan at DEBUG level when it
+        changes. Errors the step would raise (a sparse gradient, state that no
+        longer fits) are not raised here.
+        """
+        plans = []
+        for group_index, group in enumerate(self.param_groups):
+            if group["state_precision"] != "full":
+                plans.append(self._plan_low_precision(group_index))
+                continue
+            positions, tensors = self._group_tensors(group, create_state=False)
+            plans.append(plan_full_precision(group_index, group, positions, tensors))
+        return plans
+
+    def _check_and_plan(self) -> list[Callable[[], None]]:
+        """Check every group and plan its step; returns the calls that run the step."""
         gathered = self._gathered_fused_groups()
-        # Checked for every group first, so that a refused step changes nothing.
-        # torch.compile skips them: tracing these loops would slow compilation,
+        compiling = torch.compiler.is_compiling()
+        # torch.compile skips the checks: tracing these loops would slow compilation,
         # and its guards already recompile when a param's shape or dtype changes.
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self._check_no_sparse_grads(skip=gathered.keys())
         # Unknown after unpickling, hence True by default.
         if getattr(self, "_low_precision_used", True):
             for group_index, group in enumerate(self.param_groups):
                 if group["state_precision"] == "full":
                     self._convert_state(group_index)
-        # Every group is gathered and checked before any is stepped. The last entry
-        # is whether to fuse a full-precision group, or which params of a low-precision group.
-        prepared: list[tuple[int, tuple[list[Tensor], ...] | None, Any]] = []
+        runs: list[Callable[[], None]] = []
+        plans: list[GroupPlan] = []
+        unfused: list[int] = []
         for group_index, group in enumerate(self.param_groups):
+            hp = Hyperparameters.from_group(group)
             if group_index in gathered:
+                runs.append(functools.partial(cpu_kernel.run, gathered[group_index], hp, group["params"]))
+                if _log.isEnabledFor(logging.DEBUG):
+                    positions = tuple(i for i, p in enumerate(group["params"]) if p.grad is not None)
+                    plans.append(GroupPlan(group_index, {"cpu-kernel": positions}, {"foreach": "cpu-kernel comes first"}))
                 continue
             if group["state_precision"] != "full":
-                prepared.append((group_index, None, self._fused_low_precision_params(group_index)))
+                plan = self._plan_low_precision(group_index)
+                runs.append(functools.partial(self._step_low_precision, group_index, plan))
+                plans.append(plan)
                 continue
-            tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
-            self._init_group(group, *tensors)
-            prepared.append((group_index, tensors, _use_fused(group, tensors)))
-        if not torch.compiler.is_compiling():
-            # The fused path has checked its tensors already: it runs only where they fit.
-            self._check_state_fits_params(index for index, tensors, fused in prepared if tensors and not fused)
-        for group_index, plan in gathered.items():
-            group = self.param_groups[group_index]
-            cpu_kernel.run(plan, Hyperparameters.from_group(group), group["params"])
-        for group_index, tensors, fused in prepared:
-            group = self.param_groups[group_index]
-            if tensors is None:
-                self._step_low_precision(group_index, fused)
+            positions, tensors = self._group_tensors(group, create_state=True)
+            plan = plan_full_precision(group_index, group, positions, tensors)
+            plans.append(plan)
+            if plan.backend in ("cpu-kernel", "triton"):
+                runs.append(functools.partial(fused_rmsprop, *tensors, hp))
                 continue
-            if fused:
-                fused_rmsprop(*tensors, Hyperparameters.from_group(group))
-                continue
-            rmsprop(
-                *tensors,
-                Hyperparameters.from_group(group),
-                foreach=_use_foreach(group, tensors[0]),
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
+            unfused.append(group_index)
+            runs.append(
+                functools.partial(
+                    rmsprop,
+                    *tensors,
+                    hp,
+                    foreach=plan.backend == "foreach",
+                    differentiable=group["differentiable"],
+                    capturable=group["capturable"],
+                )
             )
-        self._note_state_precisions()
-        return loss
+        if not compiling:
+            # The fused kernels have checked their tensors already: they run only where they fit.
+            self._check_state_fits_params(unfused)
+        self._log_plans(plans)
+        return runs
+
+    def _log_plans(self, plans: list[GroupPlan]) -> None:
+        """Log each group's plan at DEBUG level when it differs from the one logged last."""
+        if not _log.isEnabledFor(logging.DEBUG):
+            return
+        logged = self.__dict__.setdefault("_logged_plans", {})
+        for plan in plans:
+            if logged.get(plan.group) != plan:
+                logged[plan.group] = plan
+                _log.debug("%s", plan)
+
+    def _group_tensors(self, group: dict[str, Any], *, create_state: bool) -> tuple[tuple[int, ...], tuple[list[Tensor], ...]]:
+        """The positions of a full-precision group's params with grads, and the tensor lists of their step.
+
+        With ``create_state`` the state a step needs is created (:meth:`_init_group`);
+        without, the param itself stands in for a missing buffer and a new
+        tensor for a missing step, as what the step would create fits as they do.
+        """
+        tensors: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
+        if create_state:
+            self._init_group(group, *tensors)
+        else:
+            params, grads, square_avgs, grad_avgs, momentum_buffers, steps = tensors
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.get(p) or {}
+                if not is_in_format(state, p, "full"):
+                    state = {}
+                params.append(p)
+                grads.append(p.grad)
+                square_avgs.append(state.get("square_avg", p))
+                steps.append(state.get("step", torch.zeros((), dtype=_get_scalar_dtype())))
+                if group["momentum"] > 0:
+                    momentum_buffers.append(state.get("momentum_buffer", p))
+                if group["centered"]:
+                    grad_avgs.append(state.get("grad_avg", p))
+        positions = tuple(i for i, p in enumerate(group["params"]) if p.grad is not None)
+        return positions, tensors
 
     def _note_state_precisions(self) -> None:
         # Remembered so that all-"full" optimizers skip the per-parameter format checks.
         self._low_precision_used = any(g["state_precision"] != "full" for g in self.param_groups)
 
-    def _fused_low_precision_params(self, group_index: int) -> list[tuple[int, Tensor, str]]:
-        """(position, param, format) of the params of a low-precision group that the fused kernels step.
-
-        The others are stepped per tensor (:func:`rmsprop.backends.per_tensor.step_encoded`):
-        all without fused, and those whose state the step creates or converts
-        (first step, a changed precision or setting), which decodes any stored
-        form and encodes the group's with one rounding. With ``fused=True`` a
-        tensor the kernels cannot take raises ``RuntimeError``.
-        """
+    def _plan_low_precision(self, group_index: int) -> GroupPlan:
+        """The plan of a low-precision group: the fused kernel for each param whose state is stored as the
+        group asks, the per-tensor path for the others (state to create or convert: first step, a changed
+        precision or setting, which decodes any stored form and encodes the group's with one rounding)."""
         group = self.param_groups[group_index]
-        if not _fused_wanted(group) or cpu_kernel.kernel() is None:
-            return []
-        chosen = []
-        first = self._first_param_index(group_index)
-        for param_index, p in enumerate(group["params"]):
+        candidates = []
+        for position, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             fmt = target_format(p, group["state_precision"], group["min_8bit_size"])
             state = self.state.get(p)
-            if not holds_group_layout(state, p, group, fmt):
-                continue
-            reason = encoded_unsupported_reason(p, state, fmt)
-            if reason is None:
-                chosen.append((first + param_index, p, fmt))
-            elif group["fused"]:
-                raise RuntimeError(
-                    f"fused=True cannot take this step: {_describe(group, group_index, param_index)}: {reason}; "
-                    "fused=None falls back to the other paths"
-                )
-        return chosen
+            candidates.append((position, p, state, fmt, holds_group_layout(state, p, group, fmt)))
+        return plan_low_precision(
+            group_index, group, candidates, lambda position: _describe(group, group_index, position)
+        )
 
-    def _step_low_precision(self, group_index: int, fused: list[tuple[int, Tensor, str]]) -> None:
+    def _step_low_precision(self, group_index: int, plan: GroupPlan) -> None:
         group = self.param_groups[group_index]
+        hp = Hyperparameters.from_group(group)
+        first = self._first_param_index(group_index)
         # The step itself decodes any stored form and encodes the group's: one rounding, not two.
         self._convert_state(group_index, skip_params_with_grads=True)
+        params = group["params"]
+        fused = [position for name, positions in plan.steps.items() if name != "per-tensor" for position in positions]
         fused_rmsprop_encoded(
-            [p for _, p, _ in fused],
-            [self.state[p] for _, p, _ in fused],
-            [fmt for _, _, fmt in fused],
-            [index for index, _, _ in fused],
-            Hyperparameters.from_group(group),
+            [params[i] for i in fused],
+            [self.state[params[i]] for i in fused],
+            [target_format(params[i], group["state_precision"], group["min_8bit_size"]) for i in fused],
+            [first + i for i in fused],
+            hp,
         )
-        fused_params = {id(p) for _, p, _ in fused}
-        start = self._first_param_index(group_index)
-        indexed = [
-            (index, p)
-            for index, p in enumerate(group["params"], start=start)
-            if p.grad is not None and id(p) not in fused_params
-        ]
-        params = [p for _, p in indexed]
+        per_tensor = plan.steps.get("per-tensor", ())
+        chosen = [params[i] for i in per_tensor]
         step_encoded(
-            params,
-            [self.state[p] for p in params],
-            [index for index, _ in indexed],
+            chosen,
+            [self.state[p] for p in chosen],
+            [first + i for i in per_tensor],
             group,
-            foreach=_use_foreach(group, params),
+            foreach=uses_foreach(group, chosen),
             new_step=lambda p: torch.zeros((), dtype=_get_scalar_dtype()),
         )
 
@@ -545,33 +598,6 @@ def _check_fused_params(params: list[Tensor]) -> None:
         reason = unsupported_dtype_or_layout(param, f"parameter {i}") or missing_backend(param.device)
         if reason is not None:
             raise ValueError(f"Invalid fused: True ({reason}; fused=None falls back to the other paths)")
-
-
-def _fused_wanted(group: dict[str, Any]) -> bool:
-    """``fused=None`` means: the fused kernel where it supports the tensors, unless foreach is set."""
-    if group["fused"] is False or (group["fused"] is None and group["foreach"] is not None):
-        return False
-    # torch.compile cannot trace into the kernels; it fuses the traced torch ops itself.
-    return not torch.compiler.is_compiling()
-
-
-def _use_fused(group: dict[str, Any], tensors: tuple[list[Tensor], ...]) -> bool:
-    if not (tensors[0] and _fused_wanted(group)):
-        return False
-    reason = unsupported_reason(*tensors, differentiable=group["differentiable"], capturable=group["capturable"])
-    if reason is not None and group["fused"]:
-        raise RuntimeError(f"fused=True cannot take this step: {reason}; fused=None falls back to the other paths")
-    return reason is None
-
-
-def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
-    """``foreach=None`` means: the multi-tensor path where torch.optim would take it."""
-    if group["foreach"] is not None:
-        return group["foreach"]
-    if group["differentiable"] or not params:
-        return False
-    _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    return foreach
 
 
 def _check_state_dict_layout(state_dict: Any) -> None:

@@ -28,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     missing = [
-        name for name in ("matplotlib", "sklearn", "tqdm", "gymnasium") if importlib.util.find_spec(name) is None
+        name for name in ("matplotlib", "sklearn", "gymnasium") if importlib.util.find_spec(name) is None
     ]
     if missing:
         print(f"rmsprop compare needs {', '.join(missing)}: pip install 'rmsprop[compare]'", file=sys.stderr)

@@ -21,7 +21,7 @@ falls back to the other paths.
 
 Low-precision state (:mod:`rmsprop.formats`) is decoded, updated and
 encoded again in the same pass (:func:`fused_rmsprop_encoded`) with the
-noise of :func:`rmsprop.formats.noise.rounding_bits`: the kernel and the
+noise of :func:`rmsprop.formats.noise.rounding_noise`: the kernel and the
 per-tensor path agree within float32 rounding, except where that rounding
 moves a value across a stochastic rounding threshold. On CUDA, low-precision
 state takes the per-tensor path. The design: docs/design/cpu-kernel.md.

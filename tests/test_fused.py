@@ -413,7 +413,7 @@ def test_a_negative_infinite_second_moment_is_clamped_to_zero_as_the_for_loop_do
 # The fused kernels for bf16 and 8-bit state (rmsprop.backends.fused.fused_rmsprop_encoded)
 # against the per-tensor path (fused=False: decode, torch's rule, encode), one
 # step at a time from the same stored state. Both draw the same rounding noise
-# per element (rmsprop.formats.noise.rounding_bits), so they differ only
+# per element (rmsprop.formats.noise.rounding_noise), so they differ only
 # through float32 rounding: a few ulps in the decoded-and-updated values, which
 # moves a value across a stochastic rounding threshold with probability
 # (difference / spacing of the stored values), about 2^-16 per element for

@@ -14,7 +14,7 @@ from rmsprop.formats.checkpoint import state_bytes
 from rmsprop.formats.codecs import dequantize_blockwise, quantize_blockwise, stochastic_round_bf16
 from rmsprop.formats.layout import BLOCK_SIZE
 from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
-from rmsprop.formats.noise import bf16_noise, rounding_bits, rounding_seed, uniform_noise
+from rmsprop.formats.noise import rounding_bits, rounding_noise, rounding_seed, uniform_noise
 
 LOW = ["bf16", "8bit"]
 
@@ -414,21 +414,32 @@ def test_rounding_noise_depends_on_parameter_buffer_and_step():
 def test_rounding_bits_are_the_splitmix64_stream():
     # Rosetta Code, "Pseudo-random numbers/Splitmix64": the first five outputs for seed 1234567.
     expected = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
-    bits = rounding_bits(1234567, (5,))
+    bits = rounding_bits(1234567, 5)
     assert bits.dtype == torch.int64
     assert [value % 2**64 for value in bits.tolist()] == expected
 
 
+def test_rounding_noise_is_the_stream_read_as_16_bit_words():
+    # The words of the Rosetta Code outputs above, little-endian, element by element.
+    outputs = [6457827717110365317, 3203168211198807973]
+    words = [(value >> (16 * k)) & 0xFFFF for value in outputs for k in range(4)]
+    assert rounding_noise(1234567, (7,)).tolist() == words[:7]
+    assert rounding_noise(1234567, (2, 3)).reshape(-1).tolist() == words[:6]
+
+
 def test_rounding_noise_is_uniform_in_its_ranges():
-    bits = rounding_bits(rounding_seed(3, "square_avg", 7), (100_000,))
-    bf16 = bf16_noise(bits)
-    assert bf16.dtype == torch.int32 and bf16.min() >= 0 and bf16.max() < 2**16
-    uniform = uniform_noise(bits)
+    noise = rounding_noise(rounding_seed(3, "square_avg", 7), (100_000,))
+    assert noise.dtype == torch.int32 and noise.min() >= 0 and noise.max() < 2**16
+    uniform = uniform_noise(noise)
     assert uniform.dtype == torch.float32 and uniform.min() >= 0 and uniform.max() < 1
-    # Mean and variance of U[0, 1) within 5 standard errors.
-    assert abs(uniform.double().mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / bits.numel())
-    assert abs(uniform.double().var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / bits.numel())
-    assert abs(bf16.double().mean().item() / 2**16 - 0.5) < 5 * math.sqrt(1 / 12 / bits.numel())
+    # Mean and variance of U[0, 1) within 5 standard errors; neighbours (words of one output) uncorrelated.
+    n = noise.numel()
+    assert abs(uniform.double().mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(uniform.double().var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / n)
+    centered = uniform.double() - 0.5
+    for lag in (1, 2, 3, 4):
+        correlation = (centered[:-lag] * centered[lag:]).mean().item() * 12
+        assert abs(correlation) < 5 / math.sqrt(n)
 
 
 def test_low_precision_leaves_the_global_rng_alone():

@@ -22,7 +22,7 @@ from rmsprop.formats.layout import (
     stored_dtype,
 )
 from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP, lower_index
-from rmsprop.formats.noise import bf16_noise, rounding_bits, rounding_seed, uniform_noise
+from rmsprop.formats.noise import rounding_noise, rounding_seed, uniform_noise
 
 __all__ = [
     "convert_state",
@@ -123,7 +123,7 @@ def encode_state(
 
     In ``"bf16"`` and ``"8bit"`` with a ``grad_avg``, ``square_avg`` is stored
     as ``grad_variance = max(square_avg - weight * grad_avg^2, 0)``. The
-    rounding noise comes from :func:`rounding_bits` at the state's step.
+    rounding noise comes from :func:`rmsprop.formats.noise.rounding_noise` at the state's step.
     """
     stored = dict(values)
     if fmt in ("bf16", "8bit") and "grad_avg" in stored:
@@ -137,11 +137,11 @@ def encode_state(
         if fmt in ("full", "wide"):
             state[key] = value.to(stored_dtype(p, fmt))
             continue
-        bits = rounding_bits(rounding_seed(param_index, key, step), value.shape, value.device)
+        noise = rounding_noise(rounding_seed(param_index, key, step), value.shape, value.device)
         if fmt == "bf16":
-            state[key] = stochastic_round_bf16(value.to(torch.float32), bf16_noise(bits))
+            state[key] = stochastic_round_bf16(value.to(torch.float32), noise)
             continue
-        uniform = uniform_noise(bits)
+        uniform = uniform_noise(noise)
         if key in ROOTS:
             state[key], state[key + ABSMAX_SUFFIX] = quantize_blockwise(value.clamp(min=0).sqrt_(), UNSIGNED_MAP, uniform)
         else:

@@ -13,8 +13,10 @@ __all__ = [
     "SPLITMIX_GAMMA",
     "SPLITMIX_MIX_1",
     "SPLITMIX_MIX_2",
-    "bf16_noise",
+    "ELEMENTS_PER_OUTPUT",
+    "NOISE_BITS",
     "rounding_bits",
+    "rounding_noise",
     "rounding_seed",
     "uniform_noise",
 ]
@@ -53,26 +55,33 @@ def _shift_right(x: Tensor, bits: int) -> Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def rounding_bits(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
-    """64 random bits (int64) per element: element ``i`` of the flattened shape gets output ``i + 1`` of
-    SplitMix64 from state ``seed``.
-
-    Counter-based, so any element's bits can be computed on their own: the
-    fused kernel (:mod:`rmsprop.cpu_kernel`) draws the same bits for the
-    same element, block by block. int64 arithmetic wraps as uint64 does.
-    """
-    numel = math.prod(shape)
-    x = torch.arange(1, numel + 1, dtype=torch.int64, device=device) * _int64(SPLITMIX_GAMMA) + _int64(seed)
+def rounding_bits(seed: int, count: int, device: torch.device | str = "cpu") -> Tensor:
+    """Outputs ``1 .. count`` of SplitMix64 from state ``seed``, as int64 (int64 arithmetic wraps as uint64 does)."""
+    x = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _int64(SPLITMIX_GAMMA) + _int64(seed)
     x = (x ^ _shift_right(x, 30)) * _int64(SPLITMIX_MIX_1)
     x = (x ^ _shift_right(x, 27)) * _int64(SPLITMIX_MIX_2)
-    return (x ^ _shift_right(x, 31)).reshape(shape)
+    return x ^ _shift_right(x, 31)
 
 
-def bf16_noise(bits: Tensor) -> Tensor:
-    """int32 noise uniform in ``[0, 2^16)`` for :func:`stochastic_round_bf16`: the top 16 of ``bits``."""
-    return _shift_right(bits, 48).to(torch.int32)
+# Noise bits per element: each SplitMix64 output serves this many consecutive elements.
+NOISE_BITS = 16
+ELEMENTS_PER_OUTPUT = 64 // NOISE_BITS
 
 
-def uniform_noise(bits: Tensor) -> Tensor:
-    """fp32 noise uniform in ``[0, 1)`` for :func:`quantize_blockwise`: the top 24 of ``bits``, exact in fp32."""
-    return _shift_right(bits, 40).to(torch.float32) * 2.0**-24
+def rounding_noise(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+    """int32 noise uniform in ``[0, 2^16)``, one per element of ``shape``: element ``i`` of the flattened
+    shape gets bits ``16 (i mod 4)`` to ``16 (i mod 4) + 15`` of SplitMix64 output ``i // 4 + 1`` from state ``seed``.
+
+    That is the stream's outputs read as little-endian 16-bit words, in order.
+    Counter-based, so any element's noise can be computed on its own: the
+    fused kernels draw the same noise for the same element, block by block.
+    """
+    numel = math.prod(shape)
+    outputs = rounding_bits(seed, -(-numel // ELEMENTS_PER_OUTPUT), device)
+    words = torch.stack([_shift_right(outputs, NOISE_BITS * k) & 0xFFFF for k in range(ELEMENTS_PER_OUTPUT)], dim=1)
+    return words.reshape(-1)[:numel].to(torch.int32).reshape(shape)
+
+
+def uniform_noise(noise: Tensor) -> Tensor:
+    """fp32 noise uniform in ``[0, 1)`` from :func:`rounding_noise` (exact in fp32)."""
+    return noise.to(torch.float32) * 2.0**-NOISE_BITS

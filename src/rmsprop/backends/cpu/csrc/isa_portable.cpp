@@ -1,6 +1,7 @@
 // The rule compiled for one instruction set (setup.py passes its flags), or nothing where
 // the compiler was not given them; module.cpp picks one at run time.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <type_traits>

@@ -154,13 +154,30 @@ __attribute__((always_inline)) inline T narrow(C x) {
   }
 }
 
-// Stochastic rounding to bfloat16 with the noise of element index
-// (rmsprop.state_precision.stochastic_round_bf16): up with probability
-// proportional to the dropped bits. NaN stays NaN.
+// Elements per output of SplitMix64 in the rounding noise, 16 bits each (rmsprop.formats.noise.rounding_noise).
+constexpr int64_t kNoisePerOutput = 4;
+
+// The rounding noise of elements [first, first + count) of a buffer, first a multiple of
+// kNoisePerOutput: SplitMix64's outputs first / 4 + 1, ... read as little-endian 16-bit words.
+// Computed a block at a time, a whole vector of outputs at once, then widened by the loop that uses it.
+inline void rounding_noise(uint64_t seed, int64_t first, int64_t count, uint16_t* __restrict noise) {
+  alignas(64) uint64_t outputs[kBlock / kNoisePerOutput];
+  const int64_t n = (count + kNoisePerOutput - 1) / kNoisePerOutput;
+  const uint64_t base = uint64_t(first / kNoisePerOutput);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) outputs[j] = random_bits(seed, base + uint64_t(j));
+  if constexpr (std::endian::native == std::endian::little) {
+    std::memcpy(noise, outputs, size_t(count) * sizeof(uint16_t));
+  } else {
+    for (int64_t i = 0; i < count; ++i) noise[i] = uint16_t(outputs[i / kNoisePerOutput] >> (16 * (i % kNoisePerOutput)));
+  }
+}
+
+// Stochastic rounding to bfloat16 with 16 bits of noise (rmsprop.formats.codecs.stochastic_round_bf16):
+// up with probability proportional to the dropped bits. NaN stays NaN.
 template <typename C>
-__attribute__((always_inline)) inline BFloat16 round_stochastically(C x, uint64_t seed, int64_t index) {
+__attribute__((always_inline)) inline BFloat16 round_stochastically(C x, uint16_t noise) {
   const float value = float(x);
-  const uint32_t noise = uint32_t(random_bits(seed, uint64_t(index)) >> 48);
   return BFloat16{uint16_t(choose(mask(value != value), 0x7FC0u, (float_to_bits(value) + noise) >> 16))};
 }
 
@@ -230,6 +247,7 @@ void plain_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t en
 }
 
 // bfloat16 state, rounded stochastically; centered, it holds grad_variance in place of square_avg.
+// A block at a time: the block's noise first, then the rule over it.
 template <typename S, unsigned B>
 void bfloat16_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
   using C = ComputeType<S>;
@@ -237,30 +255,34 @@ void bfloat16_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t
   const Constants<C> k = constants_of<C>(job.scalars);
   const C inverse_correction = C(e.inverse_correction);
   const C weight_before = C(e.weight_before), weight_after = C(e.weight_after);
-  const uint64_t v_seed = e.seeds[0], m_seed = e.seeds[1], b_seed = e.seeds[2];
-  S* __restrict p = static_cast<S*>(e.param) + start;
-  const S* __restrict g = static_cast<const S*>(e.grad) + start;
-  BFloat16* __restrict v = static_cast<BFloat16*>(e.square) + start;
-  BFloat16* __restrict m = V.centered ? static_cast<BFloat16*>(e.grad_avg) + start : nullptr;
-  BFloat16* __restrict b = V.momentum ? static_cast<BFloat16*>(e.momentum) + start : nullptr;
-  const int64_t n = end - start;
+  alignas(64) uint16_t v_noise[kBlock], m_noise[kBlock], b_noise[kBlock];
+  for (int64_t first = start; first < end; first += kBlock) {
+    const int64_t n = std::min(kBlock, end - first);
+    S* __restrict p = static_cast<S*>(e.param) + first;
+    const S* __restrict g = static_cast<const S*>(e.grad) + first;
+    BFloat16* __restrict v = static_cast<BFloat16*>(e.square) + first;
+    BFloat16* __restrict m = V.centered ? static_cast<BFloat16*>(e.grad_avg) + first : nullptr;
+    BFloat16* __restrict b = V.momentum ? static_cast<BFloat16*>(e.momentum) + first : nullptr;
+    rounding_noise(e.seeds[0], first, n, v_noise);
+    if constexpr (V.centered) rounding_noise(e.seeds[1], first, n, m_noise);
+    if constexpr (V.momentum) rounding_noise(e.seeds[2], first, n, b_noise);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    C pi = widen(p[i]), vi = widen(v[i]), mi = 0, bi = 0;
-    if constexpr (V.centered) {
-      mi = widen(m[i]);
-      vi = vi + weight_before * (mi * mi);
+    for (int64_t i = 0; i < n; ++i) {
+      C pi = widen(p[i]), vi = widen(v[i]), mi = 0, bi = 0;
+      if constexpr (V.centered) {
+        mi = widen(m[i]);
+        vi = vi + weight_before * (mi * mi);
+      }
+      if constexpr (V.momentum) bi = widen(b[i]);
+      apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k);
+      p[i] = narrow<S>(pi);
+      if constexpr (V.centered) {
+        vi = clamp_to_zero(vi - weight_after * (mi * mi));
+        m[i] = round_stochastically(mi, m_noise[i]);
+      }
+      v[i] = round_stochastically(vi, v_noise[i]);
+      if constexpr (V.momentum) b[i] = round_stochastically(bi, b_noise[i]);
     }
-    if constexpr (V.momentum) bi = widen(b[i]);
-    apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k);
-    p[i] = narrow<S>(pi);
-    const int64_t index = start + i;
-    if constexpr (V.centered) {
-      vi = clamp_to_zero(vi - weight_after * (mi * mi));
-      m[i] = round_stochastically(mi, m_seed, index);
-    }
-    v[i] = round_stochastically(vi, v_seed, index);
-    if constexpr (V.momentum) b[i] = round_stochastically(bi, b_seed, index);
   }
 }
 
@@ -351,12 +373,14 @@ inline void encode_block(float* __restrict values, int64_t count, uint8_t* __res
   const float block_absmax = bits_to_float(largest);
   *absmax = block_absmax;
   const float divisor = block_absmax > 0 ? block_absmax : 1.0f;
+  alignas(64) uint16_t noise[kBlock];
+  rounding_noise(seed, first, count, noise);
   alignas(64) float uniforms[kBlock];
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     values[i] = values[i] / divisor;
-    // Below 2^24, so exact through int32 (AVX2 converts no 64-bit or unsigned integers).
-    uniforms[i] = float(int32_t(random_bits(seed, uint64_t(first + i)) >> 40)) * 0x1p-24f;
+    // Through int32: AVX2 converts no unsigned integers.
+    uniforms[i] = float(int32_t(noise[i])) * 0x1p-16f;
   }
   lookup_codes(values, uniforms, count, map, table, codes);
 }

@@ -422,6 +422,48 @@ def test_triton_kernel_module_is_imported_only_for_a_cuda_step():
     assert output.strip() == "False"
 
 
+# Each kernel with every flag off and on, for a Hopper GPU; (kernel, parameter storage, compute type, state).
+_COMPILED = [
+    ("_rmsprop_kernel", "float32", "float32", None),
+    ("_rmsprop_encoded_kernel", "float32", "float32", "BLOCKWISE_STATE"),
+    ("_rmsprop_encoded_kernel", "uint16", "float32", "BF16_STATE"),
+    ("_rmsprop_encoded_kernel", "uint16", "float32", "FLOAT32_STATE"),
+    ("_rmsprop_encoded_kernel", "float64", "float64", "BLOCKWISE_STATE"),
+]
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs the kernels' Python; this compiles them (to sm_90 machine code, with the
+    ptxas that triton ships), which only a GPU would otherwise do: it catches what the interpreter
+    accepts and the compiler does not (types, scopes, constants)."""
+    script = f"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rmsprop.backends import triton_kernel as kernels
+FLAGS = ("MAXIMIZE", "COUPLED_WEIGHT_DECAY", "DECOUPLED_WEIGHT_DECAY", "CENTERED", "BIAS_CORRECTION",
+         "EPS_IN_SQRT", "MOMENTUM_BUFFER", "NESTEROV", "LR_IN_MOMENTUM")
+POINTERS = {{"table": "*i64", "numbers": "*fp64", "chunks_at": "i64", "signed_map": "*fp32", "unsigned_map": "*fp32"}}
+for name, storage, compute, state in {_COMPILED!r}:
+    kernel = getattr(kernels, name)
+    for on in (False, True):
+        constants = {{"STORAGE": getattr(tl, storage), "COMPUTE": getattr(tl, compute), "BLOCK_SIZE": 64, "BLOCKS": 2,
+                     "STATE": getattr(kernels, state or "FLOAT32_STATE"), "ROWS": 2}}
+        constants.update({{flag: on and flag != "COUPLED_WEIGHT_DECAY" for flag in FLAGS}})
+        signature = {{arg: POINTERS.get(arg, "constexpr") for arg in kernel.arg_names}}
+        where = {{(i,): constants[arg] for i, arg in enumerate(kernel.arg_names) if arg in constants}}
+        compiled = triton.compile(ASTSource(kernel, signature, where), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], (name, storage, state, on)
+print("compiled")
+"""
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0 and result.stdout.strip() == "compiled", result.stderr[-3000:]
+
+
 def test_rmsprop_step_increments_steps_even_without_elements():
     """Empty tensors make no programs (and no launch) but count their step, as torch does."""
     params, grads, square_avgs = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]

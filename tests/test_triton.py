@@ -441,15 +441,15 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rmsprop.backends import triton_kernel as kernels
-FLAGS = ("MAXIMIZE", "COUPLED_WEIGHT_DECAY", "DECOUPLED_WEIGHT_DECAY", "CENTERED", "BIAS_CORRECTION",
-         "EPS_IN_SQRT", "MOMENTUM_BUFFER", "NESTEROV", "LR_IN_MOMENTUM")
+FLAGS = ("MAXIMIZE", "DECOUPLED_WEIGHT_DECAY", "CENTERED", "BIAS_CORRECTION", "EPS_IN_SQRT", "MOMENTUM_BUFFER",
+         "NESTEROV", "LR_IN_MOMENTUM")  # all but coupled weight decay, which decoupled excludes
 POINTERS = {{"table": "*i64", "numbers": "*fp64", "chunks_at": "i64", "signed_map": "*fp32", "unsigned_map": "*fp32"}}
 for name, storage, compute, state in {_COMPILED!r}:
     kernel = getattr(kernels, name)
     for on in (False, True):
         constants = {{"STORAGE": getattr(tl, storage), "COMPUTE": getattr(tl, compute), "BLOCK_SIZE": 64, "BLOCKS": 2,
                      "STATE": getattr(kernels, state or "FLOAT32_STATE"), "ROWS": 2}}
-        constants.update({{flag: on and flag != "COUPLED_WEIGHT_DECAY" for flag in FLAGS}})
+        constants["VARIANT"] = sum(getattr(kernels, flag).value for flag in FLAGS) if on else 0
         signature = {{arg: POINTERS.get(arg, "constexpr") for arg in kernel.arg_names}}
         where = {{(i,): constants[arg] for i, arg in enumerate(kernel.arg_names) if arg in constants}}
         compiled = triton.compile(ASTSource(kernel, signature, where), target=GPUTarget("cuda", 90, 32))

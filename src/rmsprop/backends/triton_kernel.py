@@ -3,8 +3,9 @@ r"""The Triton kernel of the fused CUDA path: the whole RMSProp step in one pass
 Imported lazily by :mod:`rmsprop.backends.fused` on the first fused step on CUDA
 tensors. It is the GPU twin of the CPU kernel (:mod:`rmsprop.backends.cpu.kernel`): the same rule,
 every flag, each element of ``p``, ``g``, ``v`` (and ``m``, ``b`` where used)
-read once and written once. The flags are ``tl.constexpr``, so each
-combination compiles to straight-line code without the others' branches.
+read once and written once. The flags are the bits of one ``tl.constexpr``
+(``VARIANT``), so each combination compiles to straight-line code without the
+others' branches.
 
 One launch updates every tensor of one dtype on one device, however many:
 with hundreds of tensors, one launch each would cost more than the work. The
@@ -83,6 +84,13 @@ TENSOR_FIELDS = tl.constexpr(7)
 ) = (tl.constexpr(i) for i in range(15))
 ENCODED_FIELDS = tl.constexpr(15)
 
+# The rule's flags: bits of the kernels' VARIANT, a constexpr, so that each combination compiles
+# to straight-line code without the others' branches.
+(
+    MAXIMIZE, COUPLED_WEIGHT_DECAY, DECOUPLED_WEIGHT_DECAY, CENTERED, BIAS_CORRECTION, EPS_IN_SQRT, MOMENTUM_BUFFER,
+    NESTEROV, LR_IN_MOMENTUM,
+) = (tl.constexpr(1 << i) for i in range(9))
+
 # State formats of step_encoded, as the kernel's STATE.
 FLOAT32_STATE, BF16_STATE, BLOCKWISE_STATE = (tl.constexpr(i) for i in range(3))
 _STATES = {"float32": FLOAT32_STATE, "bf16": BF16_STATE, "8bit": BLOCKWISE_STATE}
@@ -146,6 +154,14 @@ def _clamp_to_zero(value):
 
 
 @triton.jit
+def _chunk(table, chunks_at, FIELDS: tl.constexpr):
+    """This program's chunk: where its tensor's ``FIELDS`` fields start in the table, and its first element."""
+    program = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(table + chunks_at + 2 * program)
+    return NUM_SCALARS + FIELDS * tensor, tl.load(table + chunks_at + 2 * program + 1)
+
+
+@triton.jit
 def _scalars(numbers, COMPUTE: tl.constexpr):
     """The rule's numbers, rounded from float64 to the compute type like the for-loop path's Python floats."""
     return (
@@ -175,46 +191,38 @@ def _rule(
     momentum,
     correction,
     COMPUTE: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    COUPLED_WEIGHT_DECAY: tl.constexpr,
-    DECOUPLED_WEIGHT_DECAY: tl.constexpr,
-    CENTERED: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr,
-    EPS_IN_SQRT: tl.constexpr,
-    MOMENTUM_BUFFER: tl.constexpr,
-    NESTEROV: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr,
+    VARIANT: tl.constexpr,
 ):
     """The rule of :mod:`rmsprop.core.functional` on elements of the compute type: the new ``p, v, m, b``
     (``m`` and ``b`` returned as given where the flags do not use them)."""
-    if MAXIMIZE:
+    if MAXIMIZE & VARIANT:
         g = -g
-    if DECOUPLED_WEIGHT_DECAY:
+    if DECOUPLED_WEIGHT_DECAY & VARIANT:
         p = p * decay_factor
-    if COUPLED_WEIGHT_DECAY:
+    if COUPLED_WEIGHT_DECAY & VARIANT:
         g = g + weight_decay * p
     v = alpha * v + rate * (g * g)
     second_moment = v
-    if BIAS_CORRECTION:
+    if BIAS_CORRECTION & VARIANT:
         second_moment = _div(v, correction, COMPUTE)
-    if CENTERED:
+    if CENTERED & VARIANT:
         m = m + rate * (g - m)
         mean = m
-        if BIAS_CORRECTION:
+        if BIAS_CORRECTION & VARIANT:
             mean = _div(m, correction, COMPUTE)
         second_moment = _clamp_to_zero(second_moment - mean * mean)
-    if EPS_IN_SQRT:
+    if EPS_IN_SQRT & VARIANT:
         u = _div(g, _sqrt(second_moment + eps, COMPUTE), COMPUTE)
     else:
         u = _div(g, _sqrt(second_moment, COMPUTE) + eps, COMPUTE)
-    if MOMENTUM_BUFFER:
+    if MOMENTUM_BUFFER & VARIANT:
         b = momentum * b
-        if LR_IN_MOMENTUM:
+        if LR_IN_MOMENTUM & VARIANT:
             b = b + lr * u
-            update = momentum * b + lr * u if NESTEROV else b
+            update = momentum * b + lr * u if NESTEROV & VARIANT else b
         else:
             b = b + u
-            update = lr * (u + momentum * b) if NESTEROV else lr * b
+            update = lr * (u + momentum * b) if NESTEROV & VARIANT else lr * b
     else:
         update = lr * u
     return p - update, v, m, b
@@ -227,26 +235,14 @@ def _rmsprop_kernel(
     chunks_at,
     STORAGE: tl.constexpr,
     COMPUTE: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    COUPLED_WEIGHT_DECAY: tl.constexpr,
-    DECOUPLED_WEIGHT_DECAY: tl.constexpr,
-    CENTERED: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr,
-    EPS_IN_SQRT: tl.constexpr,
-    MOMENTUM_BUFFER: tl.constexpr,
-    NESTEROV: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr,
+    VARIANT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCKS: tl.constexpr,
 ):
     """One chunk of one tensor: the rule of :mod:`rmsprop.core.functional`, in place."""
-    program = tl.program_id(0).to(tl.int64)
-    tensor = tl.load(table + chunks_at + 2 * program)
-    first = tl.load(table + chunks_at + 2 * program + 1)
-    lr, alpha, rate, eps, weight_decay, decay_factor, momentum = _scalars(numbers, COMPUTE)
-
-    at = NUM_SCALARS + TENSOR_FIELDS * tensor
+    at, first = _chunk(table, chunks_at, TENSOR_FIELDS)
     fields = table + at
+    lr, alpha, rate, eps, weight_decay, decay_factor, momentum = _scalars(numbers, COMPUTE)
     pointer = tl.pointer_type(STORAGE)
     p_ptr = tl.load(fields + P).to(pointer)
     g_ptr = tl.load(fields + G).to(pointer)
@@ -263,20 +259,18 @@ def _rmsprop_kernel(
         g = _widen(tl.load(g_ptr + offsets, mask=mask), STORAGE, COMPUTE)
         v = _widen(tl.load(v_ptr + offsets, mask=mask), STORAGE, COMPUTE)
         m = v  # read only where used
-        if CENTERED:
+        if CENTERED & VARIANT:
             m = _widen(tl.load(m_ptr + offsets, mask=mask), STORAGE, COMPUTE)
         b = v
-        if MOMENTUM_BUFFER:
+        if MOMENTUM_BUFFER & VARIANT:
             b = _widen(tl.load(b_ptr + offsets, mask=mask), STORAGE, COMPUTE)
         p, v, m, b = _rule(
-            p, g, v, m, b, lr, alpha, rate, eps, weight_decay, decay_factor, momentum, correction, COMPUTE,
-            MAXIMIZE, COUPLED_WEIGHT_DECAY, DECOUPLED_WEIGHT_DECAY, CENTERED, BIAS_CORRECTION, EPS_IN_SQRT,
-            MOMENTUM_BUFFER, NESTEROV, LR_IN_MOMENTUM,
+            p, g, v, m, b, lr, alpha, rate, eps, weight_decay, decay_factor, momentum, correction, COMPUTE, VARIANT
         )
         tl.store(v_ptr + offsets, _narrow(v, STORAGE), mask=mask)
-        if CENTERED:
+        if CENTERED & VARIANT:
             tl.store(m_ptr + offsets, _narrow(m, STORAGE), mask=mask)
-        if MOMENTUM_BUFFER:
+        if MOMENTUM_BUFFER & VARIANT:
             tl.store(b_ptr + offsets, _narrow(b, STORAGE), mask=mask)
         tl.store(p_ptr + offsets, _narrow(p, STORAGE), mask=mask)
 
@@ -371,15 +365,7 @@ def _rmsprop_encoded_kernel(
     STORAGE: tl.constexpr,
     COMPUTE: tl.constexpr,
     STATE: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    COUPLED_WEIGHT_DECAY: tl.constexpr,
-    DECOUPLED_WEIGHT_DECAY: tl.constexpr,
-    CENTERED: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr,
-    EPS_IN_SQRT: tl.constexpr,
-    MOMENTUM_BUFFER: tl.constexpr,
-    NESTEROV: tl.constexpr,
-    LR_IN_MOMENTUM: tl.constexpr,
+    VARIANT: tl.constexpr,
     ROWS: tl.constexpr,
 ):
     """``ROWS`` blocks of one tensor with low-precision state: decode, the rule, encode, in place.
@@ -388,13 +374,9 @@ def _rmsprop_encoded_kernel(
     place of ``v`` (``w``: 1/c at the step that wrote it); 8-bit ``v`` and
     ``grad_variance`` are stored as their square roots with the unsigned map.
     """
-    program = tl.program_id(0).to(tl.int64)
-    tensor = tl.load(table + chunks_at + 2 * program)
-    first = tl.load(table + chunks_at + 2 * program + 1)
-    lr, alpha, rate, eps, weight_decay, decay_factor, momentum = _scalars(numbers, COMPUTE)
-
-    at = NUM_SCALARS + ENCODED_FIELDS * tensor
+    at, first = _chunk(table, chunks_at, ENCODED_FIELDS)
     fields = table + at
+    lr, alpha, rate, eps, weight_decay, decay_factor, momentum = _scalars(numbers, COMPUTE)
     pointer = tl.pointer_type(STORAGE)
     p_ptr = tl.load(fields + E_P).to(pointer)
     g_ptr = tl.load(fields + E_G).to(pointer)
@@ -405,27 +387,25 @@ def _rmsprop_encoded_kernel(
     offsets = blocks[:, None] * _BLOCK_SIZE + tl.arange(0, _BLOCK_SIZE)[None, :]
     mask = offsets < numel
     block_mask = blocks * _BLOCK_SIZE < numel
-    variance = CENTERED and STATE != FLOAT32_STATE
+    variance = (CENTERED & VARIANT) != 0 and STATE != FLOAT32_STATE
 
     p = _widen(tl.load(p_ptr + offsets, mask=mask), STORAGE, COMPUTE)
     g = _widen(tl.load(g_ptr + offsets, mask=mask), STORAGE, COMPUTE)
     v_at, v_absmax_at = tl.load(fields + E_V), tl.load(fields + E_V_ABSMAX)
     v = _decode(v_at, v_absmax_at, offsets, mask, blocks, block_mask, unsigned_map, STATE, True, COMPUTE)
     m = v  # read only where used
-    if CENTERED:
+    if CENTERED & VARIANT:
         m_at, m_absmax_at = tl.load(fields + E_M), tl.load(fields + E_M_ABSMAX)
         m = _decode(m_at, m_absmax_at, offsets, mask, blocks, block_mask, signed_map, STATE, False, COMPUTE)
         if variance:
             v = v + tl.load(numbers + at + E_WEIGHT_BEFORE).to(COMPUTE) * (m * m)
     b = v
-    if MOMENTUM_BUFFER:
+    if MOMENTUM_BUFFER & VARIANT:
         b_at, b_absmax_at = tl.load(fields + E_B), tl.load(fields + E_B_ABSMAX)
         b = _decode(b_at, b_absmax_at, offsets, mask, blocks, block_mask, signed_map, STATE, False, COMPUTE)
 
     p, v, m, b = _rule(
-        p, g, v, m, b, lr, alpha, rate, eps, weight_decay, decay_factor, momentum, correction, COMPUTE,
-        MAXIMIZE, COUPLED_WEIGHT_DECAY, DECOUPLED_WEIGHT_DECAY, CENTERED, BIAS_CORRECTION, EPS_IN_SQRT,
-        MOMENTUM_BUFFER, NESTEROV, LR_IN_MOMENTUM,
+        p, g, v, m, b, lr, alpha, rate, eps, weight_decay, decay_factor, momentum, correction, COMPUTE, VARIANT
     )
     tl.store(p_ptr + offsets, _narrow(p, STORAGE), mask=mask)
 
@@ -433,27 +413,28 @@ def _rmsprop_encoded_kernel(
         v = _clamp_to_zero(v - tl.load(numbers + at + E_WEIGHT_AFTER).to(COMPUTE) * (m * m))
     v_seed = tl.load(fields + E_V_SEED).to(tl.uint64, bitcast=True)
     _encode(v, v_at, v_absmax_at, offsets, mask, blocks, block_mask, unsigned_map, v_seed, STATE, True, COMPUTE)
-    if CENTERED:
+    if CENTERED & VARIANT:
         m_seed = tl.load(fields + E_M_SEED).to(tl.uint64, bitcast=True)
         _encode(m, m_at, m_absmax_at, offsets, mask, blocks, block_mask, signed_map, m_seed, STATE, False, COMPUTE)
-    if MOMENTUM_BUFFER:
+    if MOMENTUM_BUFFER & VARIANT:
         b_seed = tl.load(fields + E_B_SEED).to(tl.uint64, bitcast=True)
         _encode(b, b_at, b_absmax_at, offsets, mask, blocks, block_mask, signed_map, b_seed, STATE, False, COMPUTE)
 
 
-def _flags(hp: Hyperparameters) -> dict[str, bool]:
-    """The rule's flags, as both kernels take them."""
-    return {
-        "MAXIMIZE": hp.maximize,
-        "COUPLED_WEIGHT_DECAY": hp.weight_decay != 0 and not hp.decoupled_weight_decay,
-        "DECOUPLED_WEIGHT_DECAY": hp.weight_decay != 0 and hp.decoupled_weight_decay,
-        "CENTERED": hp.centered,
-        "BIAS_CORRECTION": hp.bias_correction,
-        "EPS_IN_SQRT": hp.eps_in_sqrt,
-        "MOMENTUM_BUFFER": hp.momentum > 0,
-        "NESTEROV": hp.nesterov,
-        "LR_IN_MOMENTUM": hp.lr_in_momentum,
-    }
+def _variant(hp: Hyperparameters) -> int:
+    """The kernels' ``VARIANT``: the bits of the flags that ``hp`` sets."""
+    flags = (
+        (MAXIMIZE, hp.maximize),
+        (COUPLED_WEIGHT_DECAY, hp.weight_decay != 0 and not hp.decoupled_weight_decay),
+        (DECOUPLED_WEIGHT_DECAY, hp.weight_decay != 0 and hp.decoupled_weight_decay),
+        (CENTERED, hp.centered),
+        (BIAS_CORRECTION, hp.bias_correction),
+        (EPS_IN_SQRT, hp.eps_in_sqrt),
+        (MOMENTUM_BUFFER, hp.momentum > 0),
+        (NESTEROV, hp.nesterov),
+        (LR_IN_MOMENTUM, hp.lr_in_momentum),
+    )
+    return sum(bit.value for bit, is_set in flags if is_set)
 
 
 def rmsprop_step(
@@ -489,19 +470,7 @@ def rmsprop_step(
             fields[:, column.value] = list(map(Tensor.data_ptr, tensors))
     fields[:, NUMEL.value] = sizes
     fields[:, CORRECTION.value] = _corrections(hp, steps).view(np.int64)
-    table = _table(hp, lr, fields, chunk, chunk_counts, params[0].device)
-    storage, compute = _TYPES[params[0].dtype]
-    with _on(params[0].device):
-        _rmsprop_kernel[(int(chunk_counts.sum()),)](
-            table,
-            table.view(torch.float64),
-            NUM_SCALARS.value + TENSOR_FIELDS.value * len(params),
-            STORAGE=storage,
-            COMPUTE=compute,
-            **_flags(hp),
-            BLOCK_SIZE=block,
-            BLOCKS=blocks_per_chunk,
-        )
+    _launch(_rmsprop_kernel, params, hp, lr, fields, chunk, chunk_counts, BLOCK_SIZE=block, BLOCKS=blocks_per_chunk)
 
 
 def step_encoded(
@@ -550,21 +519,11 @@ def step_encoded(
     # mean_weight before and after the step: 1/c at the step that encoded the variance.
     fields[:, E_WEIGHT_BEFORE.value] = _inverse_corrections(hp, steps - 1).view(np.int64)
     fields[:, E_WEIGHT_AFTER.value] = _inverse_corrections(hp, steps).view(np.int64)
-    device = params[0].device
-    table = _table(hp, float(hp.lr), fields, chunk, chunk_counts, device)
-    storage, compute = _TYPES[params[0].dtype]
-    with _on(device):
-        _rmsprop_encoded_kernel[(int(chunk_counts.sum()),)](
-            table,
-            table.view(torch.float64),
-            NUM_SCALARS.value + ENCODED_FIELDS.value * len(params),
-            *_maps(device),
-            STORAGE=storage,
-            COMPUTE=compute,
-            STATE=_STATES[fmt],
-            **_flags(hp),
-            ROWS=blocks_per_program,
-        )
+    maps = _maps(params[0].device)
+    _launch(
+        _rmsprop_encoded_kernel, params, hp, float(hp.lr), fields, chunk, chunk_counts, *maps,
+        STATE=_STATES[fmt], ROWS=blocks_per_program,
+    )
 
 
 def _incremented(state_steps: list[Tensor]) -> np.ndarray:
@@ -594,16 +553,19 @@ def _maps(device: torch.device) -> tuple[Tensor, Tensor]:
     return SIGNED_MAP.to(device), UNSIGNED_MAP.to(device)
 
 
-def _on(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launches on ``device``'s GPU (any context for the interpreter's CPU tensors)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _table(
-    hp: Hyperparameters, lr: float, fields: np.ndarray, chunk: int, chunk_counts: np.ndarray, device: torch.device
-) -> Tensor:
-    """A kernel's int64 table (see the module docstring), on ``device``: the rule's numbers, ``fields``
-    (one row per tensor), then each program's tensor and first element."""
+def _launch(
+    kernel: triton.JITFunction,
+    params: list[Tensor],
+    hp: Hyperparameters,
+    lr: float,
+    fields: np.ndarray,
+    chunk: int,
+    chunk_counts: np.ndarray,
+    *arguments: Tensor,
+    **constants: object,
+) -> None:
+    """Launch ``kernel``, one program per chunk, with its table (see the module docstring): the rule's
+    numbers, ``fields`` (one row per tensor of ``params``), then each program's tensor and first element."""
     scalars = np.array(
         [lr, hp.alpha, 1 - hp.alpha, hp.eps, hp.weight_decay, 1 - lr * hp.weight_decay, hp.momentum], np.float64
     )
@@ -612,7 +574,19 @@ def _table(
     firsts = (np.arange(owners.size) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)) * chunk
     chunks = np.stack([owners, firsts], axis=1)
     table = torch.from_numpy(np.concatenate([scalars.view(np.int64), fields.ravel(), chunks.ravel()]))
+    device = params[0].device
     if device.type == "cuda":
         # From pinned memory without blocking: a plain copy would wait for the GPU's queue (the backward pass).
         table = table.pin_memory().to(device, non_blocking=True)
-    return table
+    storage, compute = _TYPES[params[0].dtype]
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(owners.size,)](
+            table,
+            table.view(torch.float64),
+            NUM_SCALARS.value + fields.shape[1] * len(params),
+            *arguments,
+            STORAGE=storage,
+            COMPUTE=compute,
+            VARIANT=_variant(hp),
+            **constants,
+        )

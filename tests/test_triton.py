@@ -13,6 +13,11 @@ small (64 elements, one per program; 32, two per program where the loop over
 a program's blocks is under test): a tensor of 70 elements spans several
 programs.
 
+The low-precision kernel (``step_encoded``: bf16 and 8-bit state, float32
+state of 16-bit parameters) is checked against the per-tensor reference path
+step by step, with the helper and tolerances of tests/test_fused.py, on a
+tensor of two 8-bit blocks and a partial third, two blocks per program.
+
 With a GPU (never in CI), the kernel is compiled for it instead and the CUDA
 tests check the dispatch of ``RMSprop`` on CUDA tensors against the for-loop
 path on the same tensors; the interpreter tests are skipped there. The
@@ -22,6 +27,7 @@ float32 tolerance covers.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -33,16 +39,23 @@ import rmsprop.backends.fused  # noqa: E402
 import rmsprop.backends.cpu.kernel  # noqa: E402
 import rmsprop.core.optimizer  # noqa: E402
 from rmsprop import RMSprop  # noqa: E402
+from rmsprop.backends.fused import encoded_unsupported_reason  # noqa: E402
 from rmsprop.core.hyperparameters import Hyperparameters  # noqa: E402
+from rmsprop.formats.codecs import dequantize_blockwise  # noqa: E402
+from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP  # noqa: E402
 from fused_checks import (  # noqa: E402
     FLAG_COMBINATIONS,
+    LRS,
     check_float64_against_reference,
     check_low_precision,
     combination_id,
     fused_and_loop,
+    make_gradients,
+    make_params,
     settings_of,
     state_tensors,
 )
+from test_fused import _check_same_step, _step_by_step  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -204,6 +217,87 @@ class _Recorder:
         return self.kernel[grid]
 
 
+# Low-precision state: the kernel against the per-tensor path.
+
+# Two 8-bit blocks and a partial third (two programs of two blocks), and a tensor below
+# min_8bit_size: fp32 state, which the kernel steps beside a bfloat16 parameter (format "float32").
+ENCODED_SHAPES = [(3, 200), (70,)]
+# Every flag, in five combinations: none; all; centered with bias correction (the variance's
+# weights differ before and after the step) and coupled weight decay; the momentum variants.
+ENCODED_COMBINATIONS = [
+    *SOME_COMBINATIONS,
+    {**FLAG_COMBINATIONS[0], "centered": True, "momentum": 0.8, "lr_in_momentum": True, "maximize": True},
+]
+
+
+@pytest.fixture
+def encoded_on_triton(monkeypatch):
+    """The fused path's low-precision CPU steps go to the Triton kernel (in the interpreter).
+
+    Yields the formats of its calls.
+    """
+    formats = []
+
+    def triton_step_encoded(params, states, fmt, param_indices, hp):
+        formats.append(fmt)
+        kernels.step_encoded(params, states, fmt, param_indices, hp, blocks_per_program=2)
+
+    monkeypatch.setitem(rmsprop.backends.fused._ENCODED_BACKENDS, "cpu", triton_step_encoded)
+    yield formats
+    assert formats, "the Triton kernel was not called"
+
+
+def _encoded(flags: dict, mode: str) -> dict:
+    return {**settings_of(flags), "state_precision": mode, "min_8bit_size": 256}
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+@pytest.mark.parametrize("flags", ENCODED_COMBINATIONS, ids=combination_id)
+def test_encoded_state_equals_the_per_tensor_path_step_by_step(encoded_on_triton, monkeypatch, flags, mode, dtype):
+    _step_by_step(monkeypatch, _encoded(flags, mode), dtype, steps=4, shapes=ENCODED_SHAPES)
+    expected = {mode, "float32"} if dtype == torch.bfloat16 and mode == "8bit" else {mode}
+    assert set(encoded_on_triton) == expected
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+def test_encoded_state_of_other_parameter_dtypes_equals_the_per_tensor_path(encoded_on_triton, monkeypatch, mode, dtype):
+    _step_by_step(monkeypatch, _encoded(FLAG_COMBINATIONS[-1], mode), dtype, steps=3, shapes=ENCODED_SHAPES[:1])
+
+
+@interpreter_only
+def test_8bit_block_of_a_nan_is_non_finite_as_in_the_per_tensor_path(encoded_on_triton):
+    """The policy of docs/memory.md: a NaN makes its block non-finite (here the second of three
+    blocks, a program's last row), its absmax NaN; the other blocks stay finite."""
+    param = torch.nn.Parameter(torch.ones(600))
+    optimizer = RMSprop([param], momentum=0.9, centered=True, state_precision="8bit", min_8bit_size=0)
+    param.grad = torch.ones(600)
+    optimizer.step()  # creates the state, per tensor
+    param.grad = torch.linspace(0.1, 1.0, 600)
+    param.grad[300] = float("nan")
+    optimizer.step()
+    state = optimizer.state[param]
+    for key, qmap in (("grad_variance", UNSIGNED_MAP), ("grad_avg", SIGNED_MAP), ("momentum_buffer", SIGNED_MAP)):
+        absmax = state[f"{key}_absmax"]
+        assert absmax[1].isnan() and absmax[[0, 2]].isfinite().all(), key
+        decoded = dequantize_blockwise(state[key], absmax, qmap)
+        assert decoded[256:512].isnan().all() and decoded[:256].isfinite().all() and decoded[512:].isfinite().all(), key
+
+
+def test_encoded_state_on_another_device_than_the_parameter_is_refused():
+    param = torch.nn.Parameter(torch.ones(300))
+    param.grad = torch.ones(300)
+    state = {"step": torch.zeros(()), "square_avg": torch.ones(300, dtype=torch.bfloat16, device="meta")}
+    assert encoded_unsupported_reason(param, state, "bf16") == (
+        "its 'square_avg' is not a plain tensor on the parameter's device (cpu)"
+    )
+    state["square_avg"] = torch.ones(300, dtype=torch.bfloat16)
+    assert encoded_unsupported_reason(param, state, "bf16") is None
+
+
 # The real dispatch, on a GPU.
 
 
@@ -256,6 +350,35 @@ def test_cuda_low_precision_is_close_to_float32(dtype, rtol):
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["bf16", "8bit"])
+@pytest.mark.parametrize("flags", [FLAG_COMBINATIONS[0], FLAG_COMBINATIONS[-1]], ids=combination_id)
+def test_cuda_encoded_state_takes_the_triton_kernel_and_equals_the_per_tensor_path(monkeypatch, flags, mode, dtype):
+    """As the interpreter test: a per-tensor twin loads the state before each step, both must agree after it."""
+    calls = []
+    cuda = rmsprop.backends.fused._ENCODED_BACKENDS["cuda"]
+    monkeypatch.setitem(rmsprop.backends.fused._ENCODED_BACKENDS, "cuda", lambda *args: (calls.append(1), cuda(*args)))
+    settings = {**_encoded(flags, mode), "min_8bit_size": 4096}
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(dtype, [(70, 73), (80,)])]
+    optimizer = RMSprop(params, **settings)
+    for step, step_gradients in enumerate(make_gradients(params, 4)):
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        twin = RMSprop(twins, fused=False, **settings)
+        twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        twin.param_groups[0]["fused"] = False  # load_state_dict takes the saved group's settings
+        for optimizer_, params_ in ((optimizer, params), (twin, twins)):
+            optimizer_.param_groups[0]["lr"] = LRS[step]
+            for p, g in zip(params_, step_gradients, strict=True):
+                p.grad = None if g is None else g.to(dtype).cuda()
+        optimizer.step()
+        twin.step()
+        _check_same_step(optimizer, params, twin, twins)
+    # The first step creates the state, per tensor; a bfloat16 parameter's float32 state (the
+    # tensor below min_8bit_size) is a call of its own, except at the step it has no gradient.
+    assert len(calls) == (5 if dtype == torch.bfloat16 and mode == "8bit" else 3)
+
+
+@cuda_only
 def test_cuda_step_counters_stay_on_the_cpu():
     optimizer, params = _train_cuda(torch.float32, {}, fused=True)
     assert all(optimizer.state[p]["step"].device.type == "cpu" and optimizer.state[p]["step"] == 3 for p in params)
@@ -297,6 +420,48 @@ def test_triton_kernel_module_is_imported_only_for_a_cuda_step():
 
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "False"
+
+
+# Each kernel with every flag off and on, for a Hopper GPU; (kernel, parameter storage, compute type, state).
+_COMPILED = [
+    ("_rmsprop_kernel", "float32", "float32", None),
+    ("_rmsprop_encoded_kernel", "float32", "float32", "BLOCKWISE_STATE"),
+    ("_rmsprop_encoded_kernel", "uint16", "float32", "BF16_STATE"),
+    ("_rmsprop_encoded_kernel", "uint16", "float32", "FLOAT32_STATE"),
+    ("_rmsprop_encoded_kernel", "float64", "float64", "BLOCKWISE_STATE"),
+]
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs the kernels' Python; this compiles them (to sm_90 machine code, with the
+    ptxas that triton ships), which only a GPU would otherwise do: it catches what the interpreter
+    accepts and the compiler does not (types, scopes, constants)."""
+    script = f"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rmsprop.backends import triton_kernel as kernels
+FLAGS = ("MAXIMIZE", "DECOUPLED_WEIGHT_DECAY", "CENTERED", "BIAS_CORRECTION", "EPS_IN_SQRT", "MOMENTUM_BUFFER",
+         "NESTEROV", "LR_IN_MOMENTUM")  # all but coupled weight decay, which decoupled excludes
+POINTERS = {{"table": "*i64", "numbers": "*fp64", "chunks_at": "i64", "signed_map": "*fp32", "unsigned_map": "*fp32"}}
+for name, storage, compute, state in {_COMPILED!r}:
+    kernel = getattr(kernels, name)
+    for on in (False, True):
+        constants = {{"STORAGE": getattr(tl, storage), "COMPUTE": getattr(tl, compute), "BLOCK_SIZE": 64, "BLOCKS": 2,
+                     "STATE": getattr(kernels, state or "FLOAT32_STATE"), "ROWS": 2}}
+        constants["VARIANT"] = sum(getattr(kernels, flag).value for flag in FLAGS) if on else 0
+        signature = {{arg: POINTERS.get(arg, "constexpr") for arg in kernel.arg_names}}
+        where = {{(i,): constants[arg] for i, arg in enumerate(kernel.arg_names) if arg in constants}}
+        compiled = triton.compile(ASTSource(kernel, signature, where), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], (name, storage, state, on)
+print("compiled")
+"""
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0 and result.stdout.strip() == "compiled", result.stderr[-3000:]
 
 
 def test_rmsprop_step_increments_steps_even_without_elements():

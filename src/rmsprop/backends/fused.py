@@ -13,7 +13,9 @@ one dtype on one device, steps as 1-element CPU tensors, every flag of the
 rule. :func:`unsupported_reason` and :func:`encoded_unsupported_reason` say
 why other inputs are not. Low-precision state (:mod:`rmsprop.formats`) is
 decoded, updated and encoded in the same pass (:func:`fused_rmsprop_encoded`)
-with the reference's noise (:func:`rmsprop.formats.noise.rounding_noise`).
+with the reference's noise (:func:`rmsprop.formats.noise.rounding_noise`),
+by the CPU kernel or, on CUDA, :func:`rmsprop.backends.triton_kernel.step_encoded`.
+The design: docs/design/cpu-kernel.md and docs/design/triton-kernel.md.
 """
 
 from __future__ import annotations
@@ -243,12 +245,13 @@ def encoded_unsupported_reason(p: Tensor, state: dict, fmt: str) -> str | None:
         return "its 'step' is not a 1-element float32 or float64 CPU tensor"
     for key in stored_keys(state):
         expected = _STATE_DTYPES.get(fmt, torch.float32 if p.dtype in _HALF else p.dtype)
-        reason = _unsupported_entry(state[key], key, expected, p.shape)
+        reason = _unsupported_entry(state[key], key, expected, p.shape, p.device)
         if reason is None and fmt == "8bit":
-            reason = _unsupported_entry(state[key + "_absmax"], key + "_absmax", torch.float32, (num_blocks(p.numel()),))
+            absmax_shape = (num_blocks(p.numel()),)
+            reason = _unsupported_entry(state[key + "_absmax"], key + "_absmax", torch.float32, absmax_shape, p.device)
         if reason is not None:
             return reason
-    return None
+    return missing_backend(p.device)
 
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -256,9 +259,9 @@ _HALF = (torch.bfloat16, torch.float16)
 _STATE_DTYPES = {"bf16": torch.bfloat16, "8bit": torch.uint8}
 
 
-def _unsupported_entry(tensor: Tensor, key: str, dtype: torch.dtype, shape: tuple) -> str | None:
-    if type(tensor) not in _PLAIN_TYPES or tensor.device.type != "cpu" or tensor.layout != torch.strided:
-        return f"its {key!r} is not a plain CPU tensor"
+def _unsupported_entry(tensor: Tensor, key: str, dtype: torch.dtype, shape: tuple, device: torch.device) -> str | None:
+    if type(tensor) not in _PLAIN_TYPES or tensor.device != device or tensor.layout != torch.strided:
+        return f"its {key!r} is not a plain tensor on the parameter's device ({device})"
     if tensor.dtype != dtype or tensor.shape != shape:
         return f"its {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, not {dtype} of shape {tuple(shape)}"
     if not tensor.is_contiguous():
@@ -269,12 +272,12 @@ def _unsupported_entry(tensor: Tensor, key: str, dtype: torch.dtype, shape: tupl
 def fused_rmsprop_encoded(
     params: list[Tensor], states: list[dict], formats: list[str], param_indices: list[int], hp: Hyperparameters
 ) -> None:
-    """One RMSProp step of CPU ``params`` whose state is stored as ``formats`` (see :func:`encoded_unsupported_reason`),
+    """One RMSProp step of ``params`` whose state is stored as ``formats`` (see :func:`encoded_unsupported_reason`),
     with every buffer the settings use and no other; ``param_indices`` seed the rounding noise.
 
     State of the parameter's own dtype (``"wide"`` state of float32, float64
     and complex parameters) goes to :func:`fused_rmsprop`; the rest to one
-    kernel call per parameter dtype, format and step dtype.
+    kernel call per device, parameter dtype, format and step dtype.
     """
     if not params:
         return
@@ -292,12 +295,32 @@ def fused_rmsprop_encoded(
         )
     encoded = sorted(set(range(len(params))) - set(full))
     # "wide" state of a 16-bit parameter is float32.
-    kinds = [(params[i].dtype, "float32" if formats[i] == "wide" else formats[i], states[i]["step"].dtype) for i in encoded]
+    kinds = [
+        (params[i].device, params[i].dtype, "float32" if formats[i] == "wide" else formats[i], states[i]["step"].dtype)
+        for i in encoded
+    ]
     for kind in dict.fromkeys(kinds):
         chosen = [i for i, other in zip(encoded, kinds, strict=True) if other == kind]
-        cpu_kernel.step_encoded(
-            [params[i] for i in chosen], [states[i] for i in chosen], kind[1], [param_indices[i] for i in chosen], hp
+        _ENCODED_BACKENDS[kind[0].type](
+            [params[i] for i in chosen], [states[i] for i in chosen], kind[2], [param_indices[i] for i in chosen], hp
         )
+
+
+def _run_cpu_encoded(params: list[Tensor], states: list[dict], fmt: str, param_indices: list[int], hp: Hyperparameters) -> None:
+    """See :func:`rmsprop.backends.cpu.kernel.step_encoded`."""
+    cpu_kernel.step_encoded(params, states, fmt, param_indices, hp)
+
+
+def _run_triton_encoded(params: list[Tensor], states: list[dict], fmt: str, param_indices: list[int], hp: Hyperparameters) -> None:
+    """See :func:`rmsprop.backends.triton_kernel.step_encoded`."""
+    _triton_kernels().step_encoded(params, states, fmt, param_indices, hp)
+
+
+# The low-precision kernel for each device type that encoded_unsupported_reason accepts.
+_ENCODED_BACKENDS: dict[str, Callable[[list[Tensor], list[dict], str, list[int], Hyperparameters], None]] = {
+    "cpu": _run_cpu_encoded,
+    "cuda": _run_triton_encoded,
+}
 
 
 def _split_by_device_and_dtype(params: list[Tensor], state_steps: list[Tensor]) -> list[tuple[tuple, list[int] | None]]:

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rmsprop.core.hyperparameters import Hyperparameters
+from rmsprop.core.hyperparameters import Hyperparameters, KernelScalars
 from rmsprop.formats.layout import BLOCK_SIZE
 from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
 from rmsprop.formats.noise import NOISE_BITS, rounding_seed
@@ -71,8 +71,12 @@ BLOCKS_PER_CHUNK = 4
 BLOCKS_PER_PROGRAM = 4
 
 # Positions in the table (see the module docstring); constexpr so that the kernel may read them.
-LR, ALPHA, RATE, EPS, WEIGHT_DECAY, DECAY_FACTOR, MOMENTUM = (tl.constexpr(i) for i in range(7))
-NUM_SCALARS = tl.constexpr(7)
+# The table starts with the shared packing of the rule's numbers (KernelScalars), as float64.
+LR, ALPHA, RATE, EPS_INSIDE, EPS_OUTSIDE, WEIGHT_DECAY, DECAY_FACTOR, MOMENTUM = (
+    tl.constexpr(KernelScalars._fields.index(name))
+    for name in ("lr", "alpha", "rate", "eps_inside", "eps_outside", "weight_decay", "decay_factor", "momentum")
+)
+NUM_SCALARS = tl.constexpr(len(KernelScalars._fields))
 P, G, V, M, B, NUMEL, CORRECTION = (tl.constexpr(i) for i in range(7))
 TENSOR_FIELDS = tl.constexpr(7)
 # The fields of a tensor of step_encoded: addresses of the parameter, its gradient, each buffer and
@@ -168,7 +172,8 @@ def _scalars(numbers, COMPUTE: tl.constexpr):
         tl.load(numbers + LR).to(COMPUTE),
         tl.load(numbers + ALPHA).to(COMPUTE),
         tl.load(numbers + RATE).to(COMPUTE),
-        tl.load(numbers + EPS).to(COMPUTE),
+        # One of the two is 0, as the place of eps is a flag: their sum is the other, exactly.
+        (tl.load(numbers + EPS_INSIDE) + tl.load(numbers + EPS_OUTSIDE)).to(COMPUTE),
         tl.load(numbers + WEIGHT_DECAY).to(COMPUTE),
         tl.load(numbers + DECAY_FACTOR).to(COMPUTE),
         tl.load(numbers + MOMENTUM).to(COMPUTE),
@@ -567,9 +572,7 @@ def _launch(
 ) -> None:
     """Launch ``kernel``, one program per chunk, with its table (see the module docstring): the rule's
     numbers, ``fields`` (one row per tensor of ``params``), then each program's tensor and first element."""
-    scalars = np.array(
-        [lr, hp.alpha, 1 - hp.alpha, hp.eps, hp.weight_decay, 1 - lr * hp.weight_decay, hp.momentum], np.float64
-    )
+    scalars = np.array(KernelScalars.of(hp, lr), np.float64)
     owners = np.repeat(np.arange(len(fields)), chunk_counts)
     # The first element of each chunk: its rank within its tensor, times the chunk size.
     firsts = (np.arange(owners.size) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)) * chunk

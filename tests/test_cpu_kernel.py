@@ -233,6 +233,11 @@ def _to_float64(param: torch.nn.Parameter) -> None:
         (lambda params, opt: opt.state[params[0]].update(square_avg=torch.ones(9)), "parameter 0: its 'square_avg' is not"),
         (lambda params, opt: setattr(opt.state[params[0]]["square_avg"], "data", torch.ones(9)), "parameter 0: its 'square_avg' is not"),
         (lambda params, opt: setattr(params[1], "grad", torch.ones(3, 2)._neg_view()), "parameter 1: its gradient is not"),
+        # The gradient object checked last time, changed in place: its strides, dtype or shape.
+        (lambda params, opt: params[1].grad.t_(), "parameter 1: its gradient is not"),
+        (lambda params, opt: params[0].grad.as_strided_((2, 3), (1, 2)), "parameter 0: its gradient is not"),
+        (lambda params, opt: setattr(params[0].grad, "data", params[0].grad.double()), "parameter 0: its gradient is not"),
+        (lambda params, opt: params[1].grad.resize_(6), "parameter 1: its gradient is not"),
         (lambda params, opt: opt.state[params[0]].pop("grad_avg"), "parameter 0: its 'grad_avg' is not"),
         (lambda params, opt: opt.state[params[1]].update(step=3), "parameter 1: its 'step' is not a 1-element"),
         (lambda params, opt: opt.state[params[1]].update(step=torch.tensor(3)), "parameter 1: its 'step' is not a 1-element"),

@@ -432,7 +432,7 @@ class RMSprop(Optimizer):
             self._check_state_fits_params(index for index, tensors, fused in prepared if tensors and not fused)
         for group_index, plan in gathered.items():
             group = self.param_groups[group_index]
-            cpu_kernel.run(plan, Hyperparameters.from_group(group), group["params"])
+            cpu_kernel.run(plan, Hyperparameters.from_group(group))
         for group_index, tensors, fused in prepared:
             group = self.param_groups[group_index]
             if tensors is None:

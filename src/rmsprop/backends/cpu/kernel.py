@@ -302,8 +302,10 @@ def gather_group(optimizer: torch.optim.Optimizer, group_index: int) -> object |
     C; params without a gradient are skipped. A param and its state tensors
     that are the objects the group's last plan checked, at the same
     addresses, are not checked again (the plan holds them until the next
-    gather); gradients always are. A missing or unfit tensor anywhere, or a
-    param without state, leaves the whole group to the Python gathering.
+    gather); nor is a gradient that is the object checked last time, at the
+    same address and version (the plan holds it by a weak reference). A
+    missing or unfit tensor anywhere, or a param without state, leaves the
+    whole group to the Python gathering.
     """
     group = optimizer.param_groups[group_index]
     plans = _last_plans.setdefault(optimizer, {})
@@ -317,10 +319,11 @@ def gather_group(optimizer: torch.optim.Optimizer, group_index: int) -> object |
     return plan
 
 
-def run(plan: object, hp: Hyperparameters, params: list[Tensor]) -> None:
-    """Step a :func:`gather_group` plan of ``params``' group (increment the steps, apply the rule)."""
+def run(plan: object, hp: Hyperparameters) -> None:
+    """Step a :func:`gather_group` plan (increment the steps, apply the rule)."""
     _required().run_plan(plan, _variant(hp), kernel_scalars(hp, float(hp.lr)), hp.alpha, hp.bias_correction, torch.get_num_threads())
-    torch.autograd.graph.increment_version([p for p in params if p.grad is not None])
+    # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
+    torch.autograd.graph.increment_version(plan.params)
 
 
 def stream_step_traffic(

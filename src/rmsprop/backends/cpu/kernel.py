@@ -35,7 +35,7 @@ from torch import Tensor
 from rmsprop.backends.cpu import build as kernel_build
 from rmsprop.core.hyperparameters import Hyperparameters
 from rmsprop.formats.layout import STORED
-from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP, interval_table
+from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
 
 __all__ = [
     "INSTRUCTION_SET_VARIABLE",
@@ -105,7 +105,7 @@ def _load_extension() -> tuple[ModuleType | None, str]:
         Tensor, torch.nn.Parameter, torch.strided, torch.float32, torch.float64, torch.bfloat16, torch.float16,
         torch.complex64, torch.complex128,
     )
-    module.set_maps(*(array.numpy() for qmap in (SIGNED_MAP, UNSIGNED_MAP) for array in (qmap, interval_table(qmap))))
+    module.set_maps(SIGNED_MAP.numpy(), UNSIGNED_MAP.numpy())
     return module, origin
 
 

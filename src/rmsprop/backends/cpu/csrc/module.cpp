@@ -32,6 +32,7 @@ namespace {
 struct InstructionSet {
   const char* name;
   ChunkFunction (*chunk_function)(Storage, Format, unsigned);
+  CodeFunction (*code_function)();
   bool (*supported)();
 };
 
@@ -57,9 +58,9 @@ bool always() { return true; }
 
 // Best first.
 const InstructionSet kInstructionSets[] = {
-    {"avx512", chunk_function_avx512, has_avx512},
-    {"avx2", chunk_function_avx2, has_avx2},
-    {"portable", chunk_function_portable, always},
+    {"avx512", chunk_function_avx512, code_function_avx512, has_avx512},
+    {"avx2", chunk_function_avx2, code_function_avx2, has_avx2},
+    {"portable", chunk_function_portable, code_function_portable, always},
 };
 
 bool compiled(const InstructionSet& set) { return set.chunk_function(Storage::Float32, Format::Same, 0) != nullptr; }
@@ -177,9 +178,8 @@ class Int64s {
   bool held_ = false;
 };
 
-// The maps and tables of 8-bit state, copied once by set_maps.
+// The maps of 8-bit state, copied once by set_maps.
 std::vector<float> signed_map, unsigned_map;
-std::vector<int32_t> signed_table, unsigned_table;
 
 bool copy_buffer(PyObject* object, void* into, size_t bytes, const char* what) {
   Py_buffer view;
@@ -192,28 +192,37 @@ bool copy_buffer(PyObject* object, void* into, size_t bytes, const char* what) {
 }
 
 constexpr size_t kMapSize = 256;
-constexpr size_t kTableSize = size_t(1) << (32 - kKeyShift);
+
+// Whether map has the layout the encoding computes codes for (kernel.h, MapLayout): its ends,
+// and each bin's midpoint where the layout puts it, within far less than the margin.
+bool has_layout(const std::vector<float>& map, bool is_signed) {
+  const MapLayout& layout = is_signed ? kSignedLayout : kUnsignedLayout;
+  const size_t zero = is_signed ? 127 : 0, first = zero + 1;
+  if (map[zero] != 0.0f || map[kMapSize - 1] != 1.0f || (is_signed && map[0] != -1.0f)) return false;
+  for (int k = 0; k < kDecades; ++k)
+    for (int32_t b = 0; b < layout.bins[k]; ++b) {
+      const double midpoint = (0.1 + (b + 0.5) * 0.9 / layout.bins[k]) * kDecadeTops[k];
+      const size_t index = first + size_t(layout.base[k] + b);
+      if (std::abs(map[index] - midpoint) > 1e-5 * midpoint) return false;
+      // The negative half mirrors the positive one, but for the smallest midpoint.
+      if (is_signed && index > first && map[2 * zero - (index - 1)] != -map[index]) return false;
+    }
+  return true;
+}
 
 PyObject* set_maps(PyObject*, PyObject* args) {
-  PyObject *signed_values, *signed_lookup, *unsigned_values, *unsigned_lookup;
-  if (!PyArg_ParseTuple(args, "OOOO", &signed_values, &signed_lookup, &unsigned_values, &unsigned_lookup)) return nullptr;
+  PyObject *signed_values, *unsigned_values;
+  if (!PyArg_ParseTuple(args, "OO", &signed_values, &unsigned_values)) return nullptr;
   std::vector<float> new_signed(kMapSize), new_unsigned(kMapSize);
-  std::vector<int32_t> new_signed_table(kTableSize), new_unsigned_table(kTableSize);
   if (!copy_buffer(signed_values, new_signed.data(), kMapSize * 4, "the signed map") ||
-      !copy_buffer(signed_lookup, new_signed_table.data(), kTableSize * 4, "the signed table") ||
-      !copy_buffer(unsigned_values, new_unsigned.data(), kMapSize * 4, "the unsigned map") ||
-      !copy_buffer(unsigned_lookup, new_unsigned_table.data(), kTableSize * 4, "the unsigned table"))
+      !copy_buffer(unsigned_values, new_unsigned.data(), kMapSize * 4, "the unsigned map"))
     return nullptr;
-  for (int32_t* table : {new_signed_table.data(), new_unsigned_table.data()})
-    for (size_t i = 0; i < kTableSize; ++i)
-      if (table[i] < 0 || table[i] >= int32_t(kMapSize)) {
-        PyErr_SetString(PyExc_ValueError, "a table entry lies outside the map");
-        return nullptr;
-      }
+  if (!has_layout(new_signed, true) || !has_layout(new_unsigned, false)) {
+    PyErr_SetString(PyExc_ValueError, "the maps are not the dynamic maps (7 decades) whose codes the kernel computes");
+    return nullptr;
+  }
   signed_map.swap(new_signed);
   unsigned_map.swap(new_unsigned);
-  signed_table.swap(new_signed_table);
-  unsigned_table.swap(new_unsigned_table);
   Py_RETURN_NONE;
 }
 
@@ -272,11 +281,11 @@ PyObject* step(PyObject*, PyObject* args) {
   }
   const bool blockwise = job.format == Format::Blockwise8bit;
   if (blockwise) {
-    if (signed_table.empty()) {
+    if (signed_map.empty()) {
       PyErr_SetString(PyExc_RuntimeError, "set_maps() has not been called");
       return nullptr;
     }
-    job.maps = Maps{signed_map.data(), signed_table.data(), unsigned_map.data(), unsigned_table.data()};
+    job.maps = Maps{signed_map.data(), unsigned_map.data()};
   }
   Py_buffer sizes_view;
   if (PyObject_GetBuffer(sizes_object, &sizes_view, PyBUF_C_CONTIGUOUS) != 0) return nullptr;
@@ -336,6 +345,39 @@ PyObject* step(PyObject*, PyObject* args) {
   for_each_chunk(job.entries, threads,
                  [&](const Entry& entry, int64_t start, int64_t end) { chunk(job, entry, start, end); });
   Py_END_ALLOW_THREADS;
+  Py_RETURN_NONE;
+}
+
+// encode_codes(signed, scaled, noise, codes, instruction_set): the 8-bit encoding's codes of
+// float32 values already divided by their block's absmax, rounded up where noise / 2^16 (uint16)
+// is below the fraction (as a step finds them; for tests against the reference).
+PyObject* encode_codes(PyObject*, PyObject* args) {
+  int is_signed;
+  PyObject *scaled_object, *noise_object, *codes_object, *isa_name;
+  if (!PyArg_ParseTuple(args, "pOOOO", &is_signed, &scaled_object, &noise_object, &codes_object, &isa_name))
+    return nullptr;
+  const InstructionSet* isa = isa_name == Py_None ? selected : instruction_set_named(isa_name);
+  if (isa == nullptr) return nullptr;
+  if (signed_map.empty()) {
+    PyErr_SetString(PyExc_RuntimeError, "set_maps() has not been called");
+    return nullptr;
+  }
+  Py_buffer views[3];
+  PyObject* objects[3] = {scaled_object, noise_object, codes_object};
+  const int flags[3] = {PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE};
+  int opened = 0;
+  for (; opened < 3; ++opened)
+    if (PyObject_GetBuffer(objects[opened], &views[opened], flags[opened]) != 0) break;
+  const Py_ssize_t count = opened == 3 ? views[0].len / 4 : 0;
+  const bool fits = opened == 3 && views[0].len == count * 4 && views[1].len == count * 2 && views[2].len == count;
+  if (opened == 3 && !fits) PyErr_SetString(PyExc_ValueError, "scaled: float32, noise: uint16, codes: uint8, of one length");
+  if (fits) {
+    const float* map = is_signed ? signed_map.data() : unsigned_map.data();
+    isa->code_function()(is_signed, static_cast<const float*>(views[0].buf), static_cast<const uint16_t*>(views[1].buf),
+                         count, map, static_cast<uint8_t*>(views[2].buf));
+  }
+  for (int k = 0; k < opened; ++k) PyBuffer_Release(&views[k]);
+  if (!fits) return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -837,7 +879,8 @@ PyMethodDef methods[] = {
     {"set_torch", set_torch, METH_VARARGS, "Give torch's Tensor, Parameter, strided and dtype objects (for gather_group)."},
     {"gather_group", gather_group, METH_VARARGS, "A Plan of a group's params with gradients and their state, or why not."},
     {"run_plan", run_plan, METH_VARARGS, "Increment the steps and apply the rule to every tensor of a Plan."},
-    {"set_maps", set_maps, METH_VARARGS, "Copy the signed and unsigned maps and their lookup tables (8-bit state)."},
+    {"set_maps", set_maps, METH_VARARGS, "Copy the signed and unsigned maps (8-bit state)."},
+    {"encode_codes", encode_codes, METH_VARARGS, "The 8-bit encoding's codes of scaled values with given noise."},
     {"stream_step_traffic", stream_step_traffic, METH_VARARGS, "The memory traffic of a float32 step, nothing else."},
     {"compiled_instruction_sets", compiled_instruction_sets, METH_NOARGS, "The instruction sets built in, best first."},
     {"available_instruction_sets", available_instruction_sets, METH_NOARGS,

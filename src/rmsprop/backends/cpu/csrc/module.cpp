@@ -470,17 +470,9 @@ int is_attribute(PyObject* object, PyObject* name, PyObject* expected) {
   return result;
 }
 
-bool integer_of(PyObject* object, PyObject* method, long long& out) {
-  PyObject* value = PyObject_CallMethodNoArgs(object, method);
-  if (value == nullptr) return false;
-  out = PyLong_AsLongLong(value);
-  Py_DECREF(value);
-  return !(out == -1 && PyErr_Occurred());
-}
-
-// Same, for an int attribute (_version).
-bool integer_attribute(PyObject* object, PyObject* name, long long& out) {
-  PyObject* value = PyObject_GetAttr(object, name);
+// The value of an int no-argument method (numel, data_ptr) or attribute (_version).
+bool integer_of(PyObject* object, PyObject* name, long long& out, bool method = true) {
+  PyObject* value = method ? PyObject_CallMethodNoArgs(object, name) : PyObject_GetAttr(object, name);
   if (value == nullptr) return false;
   out = PyLong_AsLongLong(value);
   Py_DECREF(value);
@@ -748,7 +740,7 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     if (ok == 1 && !same) ok = integer_of(param, name_numel, numel) ? 1 : -1;
     void* grad_ptr = nullptr;
     long long grad_version = 0;
-    if (ok == 1 && !integer_attribute(grad, name_version, grad_version)) ok = -1;
+    if (ok == 1 && !integer_of(grad, name_version, grad_version, false)) ok = -1;
     if (ok == 1) {
       const int kept = same ? unchanged_grad(before, grad, grad_version, grad_ptr) : 0;
       if (kept < 0) ok = -1;

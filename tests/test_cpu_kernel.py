@@ -23,6 +23,7 @@ import torch
 
 from rmsprop import RMSprop
 from rmsprop.backends.cpu import kernel as cpu_kernel
+from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
 from fused_checks import make_gradients, make_params, run_steps, square_rooting, state_tensors
 
 pytestmark = pytest.mark.skipif(cpu_kernel.kernel() is None, reason="the CPU kernel is not built")
@@ -91,6 +92,50 @@ def test_avx512_and_avx2_give_the_same_bits(dtype, state_precision, settings):
     settings = {**settings, "state_precision": state_precision}
     for wide, narrow in zip(_run_with("avx512", dtype, settings), _run_with("avx2", dtype, settings), strict=True):
         assert torch.equal(wide.view(torch.uint8), narrow.view(torch.uint8)) if wide.dim() else torch.equal(wide, narrow)
+
+
+# --- 8-bit codes ------------------------------------------------------------------
+
+
+def _dense_scaled_values(signed: bool) -> torch.Tensor:
+    """float32 values in [0, 1] (and their negatives for the signed map): every 61st bit pattern,
+    and all within 300 ulps of each map value, of each midpoint between two, and of each decade edge."""
+    qmap = SIGNED_MAP if signed else UNSIGNED_MAP
+    patterns = torch.arange(0, 0x3F800001, 61, dtype=torch.int32)
+    edges = torch.tensor([10.0**-k for k in range(8)], dtype=torch.float32)
+    anchors = torch.cat([qmap.abs(), (qmap[1:] + qmap[:-1]).abs() / 2, edges]).view(torch.int32)
+    near = (anchors.unsqueeze(1) + torch.arange(-300, 301, dtype=torch.int32)).reshape(-1).clamp(0, 0x3F800000)
+    values = torch.cat([patterns, near]).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, 1.0, float("nan")])
+    return torch.cat([values, -values, special]) if signed else torch.cat([values, special])
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_the_computed_8bit_codes_equal_the_searched_ones(signed):
+    """The kernel computes a value's place in the dynamic map instead of searching it: on
+    millions of values, dense near every map value and decade edge, each instruction set's codes
+    equal the reference's (quantize_blockwise's, the map searched by torch.searchsorted)."""
+    qmap = SIGNED_MAP if signed else UNSIGNED_MAP
+    x = _dense_scaled_values(signed)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    uniforms = noise.float() * 2.0**-16
+    lower = torch.searchsorted(qmap, x).clamp_(1, 255).sub_(1)
+    low = qmap[lower]
+    fraction = (x - low) / (qmap[lower + 1] - low)
+    expected = (lower + (uniforms < fraction)).to(torch.uint8)
+    for instruction_set in cpu_kernel.available_instruction_sets():
+        codes = torch.empty(x.shape, dtype=torch.uint8)
+        cpu_kernel.kernel().encode_codes(signed, x.numpy(), noise.to(torch.uint16).numpy(), codes.numpy(), instruction_set)
+        wrong = (codes != expected).nonzero().reshape(-1)
+        assert not len(wrong), (instruction_set, x[wrong[:5]], codes[wrong[:5]], expected[wrong[:5]])
+
+
+def test_maps_of_another_layout_are_refused():
+    shifted = UNSIGNED_MAP.clone()
+    shifted[100:102] = shifted[100:102].flip(0)
+    with pytest.raises(ValueError, match="not the dynamic maps"):
+        cpu_kernel.kernel().set_maps(SIGNED_MAP.numpy(), shifted.numpy())
+    cpu_kernel.kernel().set_maps(SIGNED_MAP.numpy(), UNSIGNED_MAP.numpy())
 
 
 # --- machine code -----------------------------------------------------------------
@@ -166,7 +211,7 @@ def _chunk_functions(functions: dict[str, str], instruction_set: str) -> dict[st
 @pytest.mark.parametrize("instruction_set", ["avx512", "avx2"] if X86 else [])
 def test_low_precision_state_is_converted_encoded_and_noised_in_vectors(functions, instruction_set):
     """bf16 state: the SplitMix64 noise in 64-bit vector multiplies; 8-bit state: the map lookups
-    as gathers and the noise in vectors too."""
+    as gathers (from the 1 KB map) and the noise in vectors too."""
     register = {"avx512": "zmm", "avx2": "ymm"}[instruction_set]
     multiply = r"vpmullq" if instruction_set == "avx512" else r"vpmuludq"
 
@@ -180,9 +225,17 @@ def test_low_precision_state_is_converted_encoded_and_noised_in_vectors(function
     bfloat16_state = of("bfloat16_state_chunk")
     assert bfloat16_state and all(re.search(rf"\b{multiply}\b.*%{register}", body) for body in bfloat16_state.values())
     blockwise = of("blockwise_state_chunk")
-    assert blockwise and all(re.search(r"\bv(p)?gatherd(d|ps)\b", body) for body in blockwise.values())
+    lookup = r"\bvgatherdps\b"
+    assert blockwise and all(re.search(lookup, body) for body in blockwise.values())
+    # The codes, inlined into each or functions of their own.
+    coders = {name: body for name, body in functions.items() if f"rmsprop_kernel::{instruction_set}::lookup_codes<" in name}
+    assert all(re.search(lookup, body) for body in (coders or blockwise).values())
     # The encoding, inlined into each or a function of its own.
-    encoders = {name: body for name, body in functions.items() if f"rmsprop_kernel::{instruction_set}::encode_block(" in name}
+    encoders = {
+        name: body
+        for name, body in functions.items()
+        if re.search(rf"rmsprop_kernel::{instruction_set}::(encode_block|rounding_noise)\b", name)
+    }
     assert all(re.search(rf"\b{multiply}\b", body) for body in (encoders or blockwise).values())
     # float16 converted by integer and float operations (F16C's instructions would take blocks
     # on the stack): its chunk functions are vectorised like the others (test above).
@@ -233,6 +286,11 @@ def _to_float64(param: torch.nn.Parameter) -> None:
         (lambda params, opt: opt.state[params[0]].update(square_avg=torch.ones(9)), "parameter 0: its 'square_avg' is not"),
         (lambda params, opt: setattr(opt.state[params[0]]["square_avg"], "data", torch.ones(9)), "parameter 0: its 'square_avg' is not"),
         (lambda params, opt: setattr(params[1], "grad", torch.ones(3, 2)._neg_view()), "parameter 1: its gradient is not"),
+        # The gradient object checked last time, changed in place: its strides, dtype or shape.
+        (lambda params, opt: params[1].grad.t_(), "parameter 1: its gradient is not"),
+        (lambda params, opt: params[0].grad.as_strided_((2, 3), (1, 2)), "parameter 0: its gradient is not"),
+        (lambda params, opt: setattr(params[0].grad, "data", params[0].grad.double()), "parameter 0: its gradient is not"),
+        (lambda params, opt: params[1].grad.resize_(6), "parameter 1: its gradient is not"),
         (lambda params, opt: opt.state[params[0]].pop("grad_avg"), "parameter 0: its 'grad_avg' is not"),
         (lambda params, opt: opt.state[params[1]].update(step=3), "parameter 1: its 'step' is not a 1-element"),
         (lambda params, opt: opt.state[params[1]].update(step=torch.tensor(3)), "parameter 1: its 'step' is not a 1-element"),

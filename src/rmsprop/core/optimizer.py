@@ -449,7 +449,7 @@ class RMSprop(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             hp = Hyperparameters.from_group(group)
             if group_index in gathered:
-                runs.append(functools.partial(cpu_kernel.run, gathered[group_index], hp, group["params"]))
+                runs.append(functools.partial(cpu_kernel.run, gathered[group_index], hp))
                 if _log.isEnabledFor(logging.DEBUG):
                     positions = tuple(i for i, p in enumerate(group["params"]) if p.grad is not None)
                     plans.append(GroupPlan(group_index, {"cpu-kernel": positions}, {"foreach": "cpu-kernel comes first"}))

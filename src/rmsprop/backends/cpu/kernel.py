@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from rmsprop.backends.cpu import build as kernel_build
-from rmsprop.core.hyperparameters import Hyperparameters
+from rmsprop.core.hyperparameters import Hyperparameters, KernelScalars
 from rmsprop.formats.layout import STORED
-from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP, interval_table
+from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
 
 __all__ = [
     "INSTRUCTION_SET_VARIABLE",
@@ -47,7 +47,6 @@ __all__ = [
     "describe",
     "instruction_set",
     "kernel",
-    "kernel_scalars",
     "problem",
     "select_instruction_set",
     "step",
@@ -105,7 +104,7 @@ def _load_extension() -> tuple[ModuleType | None, str]:
         Tensor, torch.nn.Parameter, torch.strided, torch.float32, torch.float64, torch.bfloat16, torch.float16,
         torch.complex64, torch.complex128,
     )
-    module.set_maps(*(array.numpy() for qmap in (SIGNED_MAP, UNSIGNED_MAP) for array in (qmap, interval_table(qmap))))
+    module.set_maps(SIGNED_MAP.numpy(), UNSIGNED_MAP.numpy())
     return module, origin
 
 
@@ -172,30 +171,6 @@ def _required() -> ModuleType:
     return module
 
 
-def kernel_scalars(hp: Hyperparameters, lr: float) -> tuple:
-    """The rule's numbers as the kernel takes them (``Scalars`` in backends/cpu/csrc/kernel.h).
-
-    Options that only change numbers are folded into them, which keeps one
-    kernel for them all without changing any result: the sign of the
-    gradient (maximize), ``1 - lr*wd`` (1 without decoupled weight decay) and
-    the eps added inside or outside the square root (0 for the other place).
-    """
-    decoupled = hp.decoupled_weight_decay and hp.weight_decay != 0
-    return (
-        lr,
-        hp.alpha,
-        1 - hp.alpha,
-        hp.eps if hp.eps_in_sqrt else 0.0,
-        0.0 if hp.eps_in_sqrt else hp.eps,
-        hp.weight_decay,
-        1 - lr * hp.weight_decay if decoupled else 1.0,
-        hp.momentum,
-        -1.0 if hp.maximize else 1.0,
-        hp.nesterov,
-        hp.lr_in_momentum,
-    )
-
-
 def _variant(hp: Hyperparameters) -> int:
     coupled = hp.weight_decay != 0 and not hp.decoupled_weight_decay
     plain = not hp.maximize and hp.weight_decay == 0 and not hp.bias_correction
@@ -219,7 +194,7 @@ def _call(storage_dtype: torch.dtype, fmt: str, hp: Hyperparameters, sizes: np.n
         _STORAGES[storage_dtype],
         _FORMATS[fmt],
         _variant(hp),
-        kernel_scalars(hp, float(hp.lr)),
+        KernelScalars.of(hp, float(hp.lr)),
         hp.alpha,
         hp.bias_correction,
         sizes,
@@ -302,8 +277,10 @@ def gather_group(optimizer: torch.optim.Optimizer, group_index: int) -> object |
     C; params without a gradient are skipped. A param and its state tensors
     that are the objects the group's last plan checked, at the same
     addresses, are not checked again (the plan holds them until the next
-    gather); gradients always are. A missing or unfit tensor anywhere, or a
-    param without state, leaves the whole group to the Python gathering.
+    gather); nor is a gradient that is the object checked last time, at the
+    same address and version (the plan holds it by a weak reference). A
+    missing or unfit tensor anywhere, or a param without state, leaves the
+    whole group to the Python gathering.
     """
     group = optimizer.param_groups[group_index]
     plans = _last_plans.setdefault(optimizer, {})
@@ -317,10 +294,11 @@ def gather_group(optimizer: torch.optim.Optimizer, group_index: int) -> object |
     return plan
 
 
-def run(plan: object, hp: Hyperparameters, params: list[Tensor]) -> None:
-    """Step a :func:`gather_group` plan of ``params``' group (increment the steps, apply the rule)."""
-    _required().run_plan(plan, _variant(hp), kernel_scalars(hp, float(hp.lr)), hp.alpha, hp.bias_correction, torch.get_num_threads())
-    torch.autograd.graph.increment_version([p for p in params if p.grad is not None])
+def run(plan: object, hp: Hyperparameters) -> None:
+    """Step a :func:`gather_group` plan (increment the steps, apply the rule)."""
+    _required().run_plan(plan, _variant(hp), KernelScalars.of(hp, float(hp.lr)), hp.alpha, hp.bias_correction, torch.get_num_threads())
+    # Writes through raw pointers are invisible to autograd's check that saved tensors are unchanged.
+    torch.autograd.graph.increment_version(plan.params)
 
 
 def stream_step_traffic(

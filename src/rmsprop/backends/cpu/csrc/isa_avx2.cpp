@@ -22,9 +22,12 @@ namespace avx2 {
 ChunkFunction chunk_function_avx2(Storage storage, Format format, unsigned variant) {
   return avx2::chunk_function(storage, format, variant);
 }
+
+CodeFunction code_function_avx2() { return &avx2::encode_codes; }
 }  // namespace rmsprop_kernel
 #else
 namespace rmsprop_kernel {
 ChunkFunction chunk_function_avx2(Storage, Format, unsigned) { return nullptr; }
+CodeFunction code_function_avx2() { return nullptr; }
 }  // namespace rmsprop_kernel
 #endif

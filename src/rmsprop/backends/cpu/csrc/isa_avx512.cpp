@@ -22,9 +22,12 @@ namespace avx512 {
 ChunkFunction chunk_function_avx512(Storage storage, Format format, unsigned variant) {
   return avx512::chunk_function(storage, format, variant);
 }
+
+CodeFunction code_function_avx512() { return &avx512::encode_codes; }
 }  // namespace rmsprop_kernel
 #else
 namespace rmsprop_kernel {
 ChunkFunction chunk_function_avx512(Storage, Format, unsigned) { return nullptr; }
+CodeFunction code_function_avx512() { return nullptr; }
 }  // namespace rmsprop_kernel
 #endif

@@ -22,9 +22,12 @@ namespace portable {
 ChunkFunction chunk_function_portable(Storage storage, Format format, unsigned variant) {
   return portable::chunk_function(storage, format, variant);
 }
+
+CodeFunction code_function_portable() { return &portable::encode_codes; }
 }  // namespace rmsprop_kernel
 #else
 namespace rmsprop_kernel {
 ChunkFunction chunk_function_portable(Storage, Format, unsigned) { return nullptr; }
+CodeFunction code_function_portable() { return nullptr; }
 }  // namespace rmsprop_kernel
 #endif

@@ -30,7 +30,7 @@ constexpr unsigned kVariants = 16;
 constexpr unsigned normalized(unsigned bits) { return bits & kPlain ? bits & ~kCoupledWeightDecay : bits; }
 
 // The rule's numbers; maximize, both weight decays and the eps placement folded in
-// (rmsprop.cpu_kernel.kernel_scalars).
+// (rmsprop.core.hyperparameters.KernelScalars).
 // nesterov and lr_in_momentum are selects inside the loop, not variants: each variant
 // compiled for them would multiply the build time by 3 for no measurable speed.
 struct Scalars {
@@ -56,13 +56,52 @@ struct Entry {
   uint64_t seeds[3];
 };
 
-// The dynamic maps of 8-bit state with their code lookup tables (rmsprop.state_precision.interval_table).
+// The dynamic maps of 8-bit state (rmsprop.formats.maps.SIGNED_MAP and UNSIGNED_MAP).
 struct Maps {
   const float* signed_map;
-  const int32_t* signed_table;
   const float* unsigned_map;
-  const int32_t* unsigned_table;
 };
+
+// The layout of a dynamic map (rmsprop.formats.maps.dynamic_map, 7 decades), from which the 8-bit
+// encoding computes where a value lies in it. Decade k covers [0.1, 1] * 10^(k-6) with bins[k]
+// equal bins (2^k per sign in the signed map, 2^(k+1) in the unsigned one), each represented by
+// its midpoint; base[k] midpoints lie below the decade. A magnitude y in decade k lies
+// t = y * scale[k] - bins[k] / 9 bins into it, so floor(t + 1/2) midpoints of the decade lie at or
+// below it. offset_below and offset_above hold bins[k] / 9 - 1/2 -/+ a margin of 1/64: the floors
+// then err by at most one, in a known direction, where float32's errors are below 10^-4 bins.
+// module.cpp's set_maps checks that a map given has this layout.
+constexpr int kDecades = 7;
+
+struct MapLayout {
+  float edge[16];  // the lower edge of decade k, 10^(k-7) (edge[0] unused)
+  float scale[16];
+  float offset_below[16];
+  float offset_above[16];
+  int32_t bins[16];
+  int32_t base[16];
+};
+
+constexpr double kDecadeTops[kDecades] = {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0};
+constexpr double kMargin = 1.0 / 64;
+
+constexpr MapLayout map_layout(bool is_signed) {
+  MapLayout layout{};
+  int32_t base = 0;
+  for (int k = 0; k < kDecades; ++k) {
+    const int32_t bins = int32_t(1) << (is_signed ? k : k + 1);
+    layout.edge[k] = float(kDecadeTops[k] / 10);
+    layout.scale[k] = float(bins / (0.9 * kDecadeTops[k]));
+    layout.offset_below[k] = float(bins / 9.0 - 0.5 + kMargin);
+    layout.offset_above[k] = float(bins / 9.0 - 0.5 - kMargin);
+    layout.bins[k] = bins;
+    layout.base[k] = base;
+    base += bins;
+  }
+  return layout;
+}
+
+inline constexpr MapLayout kSignedLayout = map_layout(true);
+inline constexpr MapLayout kUnsignedLayout = map_layout(false);
 
 struct Job {
   Storage storage;
@@ -85,9 +124,6 @@ constexpr int64_t kChunk = 1 << 16;
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
 constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ull;
 constexpr uint64_t kMix2 = 0x94D049BB133111EBull;
-// The 8-bit code lookup's shift (rmsprop.state_precision.KEY_SHIFT).
-constexpr int kKeyShift = 13;
-
 inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * kMix1;
   z = (z ^ (z >> 27)) * kMix2;
@@ -101,5 +137,13 @@ inline uint64_t random_bits(uint64_t seed, uint64_t index) { return mix64(seed +
 ChunkFunction chunk_function_avx512(Storage, Format, unsigned variant);
 ChunkFunction chunk_function_avx2(Storage, Format, unsigned variant);
 ChunkFunction chunk_function_portable(Storage, Format, unsigned variant);
+
+// The 8-bit encoding's codes of scaled values with given noise (rule.h, encode_codes), of each
+// instruction set, or null.
+using CodeFunction = void (*)(bool is_signed, const float* scaled, const uint16_t* noise, int64_t count,
+                              const float* map, uint8_t* codes);
+CodeFunction code_function_avx512();
+CodeFunction code_function_avx2();
+CodeFunction code_function_portable();
 
 }  // namespace rmsprop_kernel

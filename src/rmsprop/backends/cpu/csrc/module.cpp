@@ -32,6 +32,7 @@ namespace {
 struct InstructionSet {
   const char* name;
   ChunkFunction (*chunk_function)(Storage, Format, unsigned);
+  CodeFunction (*code_function)();
   bool (*supported)();
 };
 
@@ -57,9 +58,9 @@ bool always() { return true; }
 
 // Best first.
 const InstructionSet kInstructionSets[] = {
-    {"avx512", chunk_function_avx512, has_avx512},
-    {"avx2", chunk_function_avx2, has_avx2},
-    {"portable", chunk_function_portable, always},
+    {"avx512", chunk_function_avx512, code_function_avx512, has_avx512},
+    {"avx2", chunk_function_avx2, code_function_avx2, has_avx2},
+    {"portable", chunk_function_portable, code_function_portable, always},
 };
 
 bool compiled(const InstructionSet& set) { return set.chunk_function(Storage::Float32, Format::Same, 0) != nullptr; }
@@ -177,9 +178,8 @@ class Int64s {
   bool held_ = false;
 };
 
-// The maps and tables of 8-bit state, copied once by set_maps.
+// The maps of 8-bit state, copied once by set_maps.
 std::vector<float> signed_map, unsigned_map;
-std::vector<int32_t> signed_table, unsigned_table;
 
 bool copy_buffer(PyObject* object, void* into, size_t bytes, const char* what) {
   Py_buffer view;
@@ -192,28 +192,37 @@ bool copy_buffer(PyObject* object, void* into, size_t bytes, const char* what) {
 }
 
 constexpr size_t kMapSize = 256;
-constexpr size_t kTableSize = size_t(1) << (32 - kKeyShift);
+
+// Whether map has the layout the encoding computes codes for (kernel.h, MapLayout): its ends,
+// and each bin's midpoint where the layout puts it, within far less than the margin.
+bool has_layout(const std::vector<float>& map, bool is_signed) {
+  const MapLayout& layout = is_signed ? kSignedLayout : kUnsignedLayout;
+  const size_t zero = is_signed ? 127 : 0, first = zero + 1;
+  if (map[zero] != 0.0f || map[kMapSize - 1] != 1.0f || (is_signed && map[0] != -1.0f)) return false;
+  for (int k = 0; k < kDecades; ++k)
+    for (int32_t b = 0; b < layout.bins[k]; ++b) {
+      const double midpoint = (0.1 + (b + 0.5) * 0.9 / layout.bins[k]) * kDecadeTops[k];
+      const size_t index = first + size_t(layout.base[k] + b);
+      if (std::abs(map[index] - midpoint) > 1e-5 * midpoint) return false;
+      // The negative half mirrors the positive one, but for the smallest midpoint.
+      if (is_signed && index > first && map[2 * zero - (index - 1)] != -map[index]) return false;
+    }
+  return true;
+}
 
 PyObject* set_maps(PyObject*, PyObject* args) {
-  PyObject *signed_values, *signed_lookup, *unsigned_values, *unsigned_lookup;
-  if (!PyArg_ParseTuple(args, "OOOO", &signed_values, &signed_lookup, &unsigned_values, &unsigned_lookup)) return nullptr;
+  PyObject *signed_values, *unsigned_values;
+  if (!PyArg_ParseTuple(args, "OO", &signed_values, &unsigned_values)) return nullptr;
   std::vector<float> new_signed(kMapSize), new_unsigned(kMapSize);
-  std::vector<int32_t> new_signed_table(kTableSize), new_unsigned_table(kTableSize);
   if (!copy_buffer(signed_values, new_signed.data(), kMapSize * 4, "the signed map") ||
-      !copy_buffer(signed_lookup, new_signed_table.data(), kTableSize * 4, "the signed table") ||
-      !copy_buffer(unsigned_values, new_unsigned.data(), kMapSize * 4, "the unsigned map") ||
-      !copy_buffer(unsigned_lookup, new_unsigned_table.data(), kTableSize * 4, "the unsigned table"))
+      !copy_buffer(unsigned_values, new_unsigned.data(), kMapSize * 4, "the unsigned map"))
     return nullptr;
-  for (int32_t* table : {new_signed_table.data(), new_unsigned_table.data()})
-    for (size_t i = 0; i < kTableSize; ++i)
-      if (table[i] < 0 || table[i] >= int32_t(kMapSize)) {
-        PyErr_SetString(PyExc_ValueError, "a table entry lies outside the map");
-        return nullptr;
-      }
+  if (!has_layout(new_signed, true) || !has_layout(new_unsigned, false)) {
+    PyErr_SetString(PyExc_ValueError, "the maps are not the dynamic maps (7 decades) whose codes the kernel computes");
+    return nullptr;
+  }
   signed_map.swap(new_signed);
   unsigned_map.swap(new_unsigned);
-  signed_table.swap(new_signed_table);
-  unsigned_table.swap(new_unsigned_table);
   Py_RETURN_NONE;
 }
 
@@ -272,11 +281,11 @@ PyObject* step(PyObject*, PyObject* args) {
   }
   const bool blockwise = job.format == Format::Blockwise8bit;
   if (blockwise) {
-    if (signed_table.empty()) {
+    if (signed_map.empty()) {
       PyErr_SetString(PyExc_RuntimeError, "set_maps() has not been called");
       return nullptr;
     }
-    job.maps = Maps{signed_map.data(), signed_table.data(), unsigned_map.data(), unsigned_table.data()};
+    job.maps = Maps{signed_map.data(), unsigned_map.data()};
   }
   Py_buffer sizes_view;
   if (PyObject_GetBuffer(sizes_object, &sizes_view, PyBUF_C_CONTIGUOUS) != 0) return nullptr;
@@ -339,6 +348,39 @@ PyObject* step(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// encode_codes(signed, scaled, noise, codes, instruction_set): the 8-bit encoding's codes of
+// float32 values already divided by their block's absmax, rounded up where noise / 2^16 (uint16)
+// is below the fraction (as a step finds them; for tests against the reference).
+PyObject* encode_codes(PyObject*, PyObject* args) {
+  int is_signed;
+  PyObject *scaled_object, *noise_object, *codes_object, *isa_name;
+  if (!PyArg_ParseTuple(args, "pOOOO", &is_signed, &scaled_object, &noise_object, &codes_object, &isa_name))
+    return nullptr;
+  const InstructionSet* isa = isa_name == Py_None ? selected : instruction_set_named(isa_name);
+  if (isa == nullptr) return nullptr;
+  if (signed_map.empty()) {
+    PyErr_SetString(PyExc_RuntimeError, "set_maps() has not been called");
+    return nullptr;
+  }
+  Py_buffer views[3];
+  PyObject* objects[3] = {scaled_object, noise_object, codes_object};
+  const int flags[3] = {PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE};
+  int opened = 0;
+  for (; opened < 3; ++opened)
+    if (PyObject_GetBuffer(objects[opened], &views[opened], flags[opened]) != 0) break;
+  const Py_ssize_t count = opened == 3 ? views[0].len / 4 : 0;
+  const bool fits = opened == 3 && views[0].len == count * 4 && views[1].len == count * 2 && views[2].len == count;
+  if (opened == 3 && !fits) PyErr_SetString(PyExc_ValueError, "scaled: float32, noise: uint16, codes: uint8, of one length");
+  if (fits) {
+    const float* map = is_signed ? signed_map.data() : unsigned_map.data();
+    isa->code_function()(is_signed, static_cast<const float*>(views[0].buf), static_cast<const uint16_t*>(views[1].buf),
+                         count, map, static_cast<uint8_t*>(views[2].buf));
+  }
+  for (int k = 0; k < opened; ++k) PyBuffer_Release(&views[k]);
+  if (!fits) return nullptr;
+  Py_RETURN_NONE;
+}
+
 // The memory traffic of a float32 step and nothing else (the benchmark's bound):
 // reads the gradient, reads and writes back the parameter and each buffer.
 // Adding g - g keeps finite values but cannot be optimised away without fast-math.
@@ -392,7 +434,7 @@ struct Torch {
 bool torch_set = false;
 
 PyObject *name_grad, *name_layout, *name_dtype, *name_shape, *name_is_cpu, *name_is_contiguous, *name_is_neg,
-    *name_is_conj, *name_data_ptr, *name_numel;
+    *name_is_conj, *name_data_ptr, *name_numel, *name_version;
 
 PyObject* set_torch(PyObject*, PyObject* args) {
   Torch t{};
@@ -428,8 +470,9 @@ int is_attribute(PyObject* object, PyObject* name, PyObject* expected) {
   return result;
 }
 
-bool integer_of(PyObject* object, PyObject* method, long long& out) {
-  PyObject* value = PyObject_CallMethodNoArgs(object, method);
+// The value of an int no-argument method (numel, data_ptr) or attribute (_version).
+bool integer_of(PyObject* object, PyObject* name, long long& out, bool method = true) {
+  PyObject* value = method ? PyObject_CallMethodNoArgs(object, name) : PyObject_GetAttr(object, name);
   if (value == nullptr) return false;
   out = PyLong_AsLongLong(value);
   Py_DECREF(value);
@@ -500,8 +543,16 @@ struct Checked {
   PyObject* objects[5] = {};  // param, square, grad_avg, momentum, step
   void* addresses[5] = {};
   PyObject* dtype = nullptr;  // the param's
+  PyObject* shape = nullptr;  // the param's (owned)
+  Py_hash_t hash = -1;        // the param's
   long long numel = 0;
   bool step_is_double = false;
+  // The gradient, by a weak reference: holding it would keep the memory of a gradient that
+  // zero_grad() set to None. Trusted while it is the same object at the same address with
+  // the same version (torch bumps it at every in-place change, of values or of shape and strides).
+  PyObject* grad = nullptr;  // weak reference (owned)
+  void* grad_address = nullptr;
+  long long grad_version = 0;
 };
 
 // The steps of a group, as gather_group found them: one Job per storage and step dtype.
@@ -509,12 +560,16 @@ struct PlanObject {
   PyObject_HEAD
   std::vector<Gathered>* items;
   std::vector<Checked>* checked;
+  PyObject* params;  // the params stepped (a list), for the caller to bump their versions
 };
 
 void release(std::vector<Checked>* checked) {
   if (checked == nullptr) return;
-  for (Checked& c : *checked)
+  for (Checked& c : *checked) {
     for (PyObject* object : c.objects) Py_XDECREF(object);
+    Py_XDECREF(c.shape);
+    Py_XDECREF(c.grad);
+  }
   delete checked;
 }
 
@@ -522,12 +577,24 @@ void plan_dealloc(PyObject* self) {
   PlanObject* plan = reinterpret_cast<PlanObject*>(self);
   delete plan->items;
   release(plan->checked);
+  Py_XDECREF(plan->params);
   Py_TYPE(self)->tp_free(self);
 }
 
 Py_ssize_t plan_length(PyObject* self) { return Py_ssize_t(reinterpret_cast<PlanObject*>(self)->items->size()); }
 
 PySequenceMethods plan_sequence = {plan_length};
+
+PyObject* plan_params(PyObject* self, void*) {
+  PyObject* params = reinterpret_cast<PlanObject*>(self)->params;
+  Py_INCREF(params);
+  return params;
+}
+
+PyGetSetDef plan_getset[] = {
+    {"params", plan_params, nullptr, "The params the plan steps (those with gradients), in order.", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
 
 PyTypeObject plan_type = [] {
   PyTypeObject type{PyVarObject_HEAD_INIT(nullptr, 0)};
@@ -537,6 +604,7 @@ PyTypeObject plan_type = [] {
   type.tp_flags = Py_TPFLAGS_DEFAULT;
   type.tp_doc = "The checked tensors of one group's step (gather_group); run_plan() steps them.";
   type.tp_as_sequence = &plan_sequence;
+  type.tp_getset = plan_getset;
   return type;
 }();
 
@@ -559,10 +627,39 @@ int unchanged(const Checked* c, int slot, PyObject* object, void*& address) {
   return address == c->addresses[slot];
 }
 
+// state[param] (borrowed), or null, with an exception set if the lookup failed.
+PyObject* state_of(PyObject* state, PyObject* param, Py_hash_t hash) {
+#if PY_VERSION_HEX < 0x030D0000
+  return _PyDict_GetItem_KnownHash(state, param, hash);
+#else
+  (void)hash;
+  return PyDict_GetItemWithError(state, param);
+#endif
+}
+
+// Whether weak reference `reference` refers to object.
+bool refers_to(PyObject* reference, PyObject* object) {
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* referent = nullptr;
+  if (PyWeakref_GetRef(reference, &referent) < 0) PyErr_Clear();
+  Py_XDECREF(referent);  // compared by address only
+  return referent == object;
+#else
+  return PyWeakref_GetObject(reference) == object;
+#endif
+}
+
+// Whether grad, at version, is the gradient checked last time, unchanged since (-1: error).
+int unchanged_grad(const Checked* c, PyObject* grad, long long version, void*& address) {
+  if (c == nullptr || c->grad == nullptr || version != c->grad_version || !refers_to(c->grad, grad)) return 0;
+  if (!address_of(grad, address)) return -1;
+  return address == c->grad_address;
+}
+
 // gather_group(params, state, centered, momentum, keys, previous): a Plan of the params with
 // gradients and their state in the optimizer's mapping `state`, or why there is none (a str): a
 // missing or unfit tensor anywhere leaves the whole group to the Python paths. previous (a Plan
-// of the same group, or None) spares checking again the params and state tensors it checked.
+// of the same group, or None) spares checking again the tensors it checked.
 PyObject* gather_group(PyObject*, PyObject* args) {
   PyObject *params, *state, *keys[4], *previous_object;
   int centered, momentum;
@@ -586,6 +683,9 @@ PyObject* gather_group(PyObject*, PyObject* args) {
   items->reserve(count);
   std::unique_ptr<std::vector<Checked>, void (*)(std::vector<Checked>*)> checked(new std::vector<Checked>(count),
                                                                                 release);
+  PyObject* stepped = PyList_New(0);
+  if (stepped == nullptr) return nullptr;
+  std::unique_ptr<PyObject, void (*)(PyObject*)> stepped_owner(stepped, [](PyObject* list) { Py_DECREF(list); });
   for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* param = PyList_GET_ITEM(params, i);
     if (!plain_tensor(param)) return refuse(i, "not a plain tensor");
@@ -593,8 +693,13 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     if (grad == nullptr) return nullptr;
     Py_DECREF(grad);  // the param holds it
     if (grad == Py_None) continue;
-    // Not state[param]: the optimizer's defaultdict would add an entry. A tensor hashes by id.
-    PyObject* param_state = PyDict_GetItemWithError(state, param);
+    const Checked* before = previous != nullptr && i < Py_ssize_t(previous->size()) ? &(*previous)[i] : nullptr;
+    Checked& now = (*checked)[i];
+    // Not state[param]: the optimizer's defaultdict would add an entry. A tensor's hash (its id,
+    // computed by a Python method) is kept with the object checked.
+    now.hash = before != nullptr && before->objects[0] == param ? before->hash : PyObject_Hash(param);
+    if (now.hash == -1) return nullptr;
+    PyObject* param_state = state_of(state, param, now.hash);
     if (param_state == nullptr) return PyErr_Occurred() ? nullptr : refuse(i, "has no state yet");
     if (!PyDict_Check(param_state)) return refuse(i, "its state is not a dict");
     PyObject* found[5] = {param, nullptr, nullptr, nullptr, nullptr};
@@ -604,8 +709,6 @@ PyObject* gather_group(PyObject*, PyObject* args) {
       found[k] = PyDict_GetItemWithError(param_state, keys[k - 1]);
       if (found[k] == nullptr && PyErr_Occurred()) return nullptr;
     }
-    const Checked* before = previous != nullptr && i < Py_ssize_t(previous->size()) ? &(*previous)[i] : nullptr;
-    Checked& now = (*checked)[i];
     Gathered item{};
     void* addresses[5] = {};
     // The param first: a param at another address (its .data replaced) may have another dtype
@@ -613,6 +716,7 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     int same = unchanged(before, 0, param, addresses[0]);
     if (same < 0) return nullptr;
     PyObject* dtype;
+    PyObject* shape;
     bool complex = false;
     int storage;
     long long numel = 0;
@@ -622,18 +726,26 @@ PyObject* gather_group(PyObject*, PyObject* args) {
       dtype = before->dtype;
       storage = storage_of(dtype, complex);
       numel = before->numel;
+      shape = before->shape;
+      Py_INCREF(shape);
     } else {
       if ((dtype = PyObject_GetAttr(param, name_dtype)) == nullptr) return nullptr;
       Py_DECREF(dtype);  // torch's dtype objects live as long as torch
       storage = storage_of(dtype, complex);
+      if ((shape = PyObject_GetAttr(param, name_shape)) == nullptr) return nullptr;
     }
-    PyObject* shape = PyObject_GetAttr(param, name_shape);
-    if (shape == nullptr) return nullptr;
+    now.shape = shape;  // owned by now from here on
     Shape like{dtype, shape, complex};
     if (!same) ok = storage < 0 ? 0 : fits(param, like, addresses[0]);
     if (ok == 1 && !same) ok = integer_of(param, name_numel, numel) ? 1 : -1;
     void* grad_ptr = nullptr;
-    if (ok == 1 && (ok = fits(grad, like, grad_ptr)) != 1) what = "its gradient";
+    long long grad_version = 0;
+    if (ok == 1 && !integer_of(grad, name_version, grad_version, false)) ok = -1;
+    if (ok == 1) {
+      const int kept = same ? unchanged_grad(before, grad, grad_version, grad_ptr) : 0;
+      if (kept < 0) ok = -1;
+      else if (!kept && (ok = fits(grad, like, grad_ptr)) != 1) what = "its gradient";
+    }
     const char* names[5] = {"", "its 'square_avg'", "its 'grad_avg'", "its 'momentum_buffer'", ""};
     for (int k = 1; k < 4 && ok == 1; ++k) {
       if (!used[k]) continue;
@@ -641,7 +753,6 @@ PyObject* gather_group(PyObject*, PyObject* args) {
       if (kept < 0) ok = -1;
       else if (!kept && (ok = found[k] == nullptr ? 0 : fits(found[k], like, addresses[k])) != 1) what = names[k];
     }
-    Py_DECREF(shape);
     if (ok == 1) {
       PyObject* step = found[4];
       const int kept = same ? unchanged(before, 4, step, addresses[4]) : 0;
@@ -667,6 +778,10 @@ PyObject* gather_group(PyObject*, PyObject* args) {
       return PyUnicode_FromFormat("parameter %zd: %s is not a contiguous CPU tensor of the parameter's dtype and shape",
                                   i, what);
     }
+    // A weak reference without a callback is shared by everyone who asks for one: most steps
+    // find the one made for the last step.
+    if ((now.grad = PyWeakref_NewRef(grad, nullptr)) == nullptr) return nullptr;
+    if (PyList_Append(stepped, param) < 0) return nullptr;
     item.storage = Storage(storage);
     item.entry.size = numel * (complex ? 2 : 1);
     item.entry.param = addresses[0];
@@ -684,11 +799,14 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     now.dtype = dtype;
     now.numel = numel;
     now.step_is_double = item.step_is_double;
+    now.grad_address = grad_ptr;
+    now.grad_version = grad_version;
   }
   PlanObject* plan = PyObject_New(PlanObject, &plan_type);
   if (plan == nullptr) return nullptr;
   plan->items = items.release();
   plan->checked = checked.release();
+  plan->params = stepped_owner.release();
   return reinterpret_cast<PyObject*>(plan);
 }
 
@@ -753,7 +871,8 @@ PyMethodDef methods[] = {
     {"set_torch", set_torch, METH_VARARGS, "Give torch's Tensor, Parameter, strided and dtype objects (for gather_group)."},
     {"gather_group", gather_group, METH_VARARGS, "A Plan of a group's params with gradients and their state, or why not."},
     {"run_plan", run_plan, METH_VARARGS, "Increment the steps and apply the rule to every tensor of a Plan."},
-    {"set_maps", set_maps, METH_VARARGS, "Copy the signed and unsigned maps and their lookup tables (8-bit state)."},
+    {"set_maps", set_maps, METH_VARARGS, "Copy the signed and unsigned maps (8-bit state)."},
+    {"encode_codes", encode_codes, METH_VARARGS, "The 8-bit encoding's codes of scaled values with given noise."},
     {"stream_step_traffic", stream_step_traffic, METH_VARARGS, "The memory traffic of a float32 step, nothing else."},
     {"compiled_instruction_sets", compiled_instruction_sets, METH_NOARGS, "The instruction sets built in, best first."},
     {"available_instruction_sets", available_instruction_sets, METH_NOARGS,
@@ -784,7 +903,8 @@ PyMODINIT_FUNC PyInit__cpu_kernel() {
   for (const Name& name : {Name{&name_grad, "grad"}, Name{&name_layout, "layout"}, Name{&name_dtype, "dtype"},
                            Name{&name_shape, "shape"}, Name{&name_is_cpu, "is_cpu"},
                            Name{&name_is_contiguous, "is_contiguous"}, Name{&name_is_neg, "is_neg"},
-                           Name{&name_is_conj, "is_conj"}, Name{&name_data_ptr, "data_ptr"}, Name{&name_numel, "numel"}})
+                           Name{&name_is_conj, "is_conj"}, Name{&name_data_ptr, "data_ptr"}, Name{&name_numel, "numel"},
+                           Name{&name_version, "_version"}})
     if ((*name.slot = PyUnicode_InternFromString(name.text)) == nullptr) return nullptr;
   if (PyType_Ready(&plan_type) < 0) return nullptr;
   PyObject* module = PyModule_Create(&module_definition);

@@ -159,17 +159,20 @@ constexpr int64_t kNoisePerOutput = 4;
 
 // The rounding noise of elements [first, first + count) of a buffer, first a multiple of
 // kNoisePerOutput: SplitMix64's outputs first / 4 + 1, ... read as little-endian 16-bit words.
-// Computed a block at a time, a whole vector of outputs at once, then widened by the loop that uses it.
+// Computed a block at a time, a vector of outputs at once, stored as they are and widened by the
+// loop that uses them. noise holds kBlock words: the last output may fill a few past count.
+using AliasedWords = uint64_t __attribute__((may_alias));
+
 inline void rounding_noise(uint64_t seed, int64_t first, int64_t count, uint16_t* __restrict noise) {
-  alignas(64) uint64_t outputs[kBlock / kNoisePerOutput];
   const int64_t n = (count + kNoisePerOutput - 1) / kNoisePerOutput;
   const uint64_t base = uint64_t(first / kNoisePerOutput);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) outputs[j] = random_bits(seed, base + uint64_t(j));
   if constexpr (std::endian::native == std::endian::little) {
-    std::memcpy(noise, outputs, size_t(count) * sizeof(uint16_t));
+    AliasedWords* words = reinterpret_cast<AliasedWords*>(noise);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) words[j] = random_bits(seed, base + uint64_t(j));
   } else {
-    for (int64_t i = 0; i < count; ++i) noise[i] = uint16_t(outputs[i / kNoisePerOutput] >> (16 * (i % kNoisePerOutput)));
+    for (int64_t i = 0; i < count; ++i)
+      noise[i] = uint16_t(random_bits(seed, base + uint64_t(i / kNoisePerOutput)) >> (16 * (i % kNoisePerOutput)));
   }
 }
 
@@ -308,81 +311,157 @@ inline void decode_block(const uint8_t* __restrict codes, int64_t count, const f
   for (; i < count; ++i) values[i] = map[codes[i]] * scale;
 }
 
-// The code of each scaled value (rmsprop.state_precision.quantize_blockwise):
-// lower = i with map[i] < x <= map[i+1] (clamped to [0, 254]), found in the
-// interval table; then up with probability proportional to the distance from
-// map[lower], drawn with uniforms.
-inline void lookup_codes(const float* __restrict scaled, const float* __restrict uniforms, int64_t count,
-                         const float* __restrict map, const int32_t* __restrict table, uint8_t* __restrict codes) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512i one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(255);
-  for (; i + 16 <= count; i += 16) {
-    const __m512 x = _mm512_loadu_ps(scaled + i);
-    const __m512i key = _mm512_srli_epi32(_mm512_castps_si512(x), kKeyShift);
-    __m512i below = _mm512_i32gather_epi32(key, table, 4);
-    const __mmask16 above = _mm512_cmp_ps_mask(_mm512_i32gather_ps(below, map, 4), x, _CMP_LT_OQ);
-    below = _mm512_mask_add_epi32(below, above, below, one);
-    const __m512i lower = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(below, one), top), one);
-    const __m512 low = _mm512_i32gather_ps(lower, map, 4);
-    const __m512 high = _mm512_i32gather_ps(_mm512_add_epi32(lower, one), map, 4);
-    const __m512 fraction = _mm512_div_ps(_mm512_sub_ps(x, low), _mm512_sub_ps(high, low));
-    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_loadu_ps(uniforms + i), fraction, _CMP_LT_OQ);
-    const __m512i code = _mm512_mask_add_epi32(lower, up, lower, one);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
-  }
-#elif defined(__AVX2__)
-  const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(255);
-  for (; i + 8 <= count; i += 8) {
-    const __m256 x = _mm256_loadu_ps(scaled + i);
-    const __m256i key = _mm256_srli_epi32(_mm256_castps_si256(x), kKeyShift);
-    __m256i below = _mm256_i32gather_epi32(table, key, 4);
-    // A true comparison is -1 in every bit: subtracting it adds one.
-    const __m256 above = _mm256_cmp_ps(_mm256_i32gather_ps(map, below, 4), x, _CMP_LT_OQ);
-    below = _mm256_sub_epi32(below, _mm256_castps_si256(above));
-    const __m256i lower = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(below, one), top), one);
-    const __m256 low = _mm256_i32gather_ps(map, lower, 4);
-    const __m256 high = _mm256_i32gather_ps(map, _mm256_add_epi32(lower, one), 4);
-    const __m256 fraction = _mm256_div_ps(_mm256_sub_ps(x, low), _mm256_sub_ps(high, low));
-    const __m256 up = _mm256_cmp_ps(_mm256_loadu_ps(uniforms + i), fraction, _CMP_LT_OQ);
-    const __m256i code = _mm256_sub_epi32(lower, _mm256_castps_si256(up));
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
-  }
-#endif
-  for (; i < count; ++i) {
-    const float x = scaled[i];
-    int32_t below = table[float_to_bits(x) >> kKeyShift];
-    below += map[below] < x;
-    const int32_t lower = std::min(std::max(below, 1), 255) - 1;
-    const float low = map[lower];
-    const float fraction = (x - low) / (map[lower + 1] - low);
-    codes[i] = uint8_t(lower + (uniforms[i] < fraction));
+// The code of each scaled value (rmsprop.formats.codecs.quantize_blockwise): j = the count of
+// map values below x, lower = clamp(j, 1, 255) - 1 (so map[lower] < x <= map[lower + 1], or
+// the nearest end), then up with probability proportional to the distance from map[lower]:
+// where the uniform noise / 2^16 lies below the fraction.
+//
+// j is computed, not searched (kernel.h, MapLayout): the decade of |x| by six comparisons, the
+// count of the decade's bin midpoints below it by a multiply-add and a floor, which is j or
+// j - 1 (its error is far below the margin), and one comparison with the map fixes it.
+template <bool Signed>
+__attribute__((always_inline)) inline int32_t estimate_count(float x, const float* __restrict map) {
+  const MapLayout& m = Signed ? kSignedLayout : kUnsignedLayout;
+  const bool positive = x > 0;
+  const float y = positive ? x : -x;
+  int32_t k = 0;
+  for (int i = 1; i < kDecades; ++i) k += y >= m.edge[i];
+  // Below the count for x > 0, above it for -x (the negative half mirrors the positive one).
+  // Clamped before the conversion: beyond int32's range it is undefined.
+  const float t = std::min(positive ? y * m.scale[k] - m.offset_below[k] : y * m.scale[k] - m.offset_above[k], 256.0f);
+  const int32_t bins = std::min(std::max(int32_t(std::floor(t)), 0), m.bins[k]) + m.base[k];
+  if constexpr (Signed) {
+    // x <= 0: of the midpoints at or above -x, all but the smallest have their negative in the map.
+    if (positive) return 128 + bins;
+    return std::max(127 - bins - int32_t(y >= 1.0f) + int32_t(y >= map[128]), 0);
+  } else {
+    return positive ? 1 + bins : 1;
   }
 }
 
-// rmsprop.state_precision.quantize_blockwise of one block, with the noise of
-// its elements (first: the index of its first element). values are overwritten.
-inline void encode_block(float* __restrict values, int64_t count, uint8_t* __restrict codes, float* absmax,
-                         const float* __restrict map, const int32_t* __restrict table, uint64_t seed, int64_t first) {
-  // The largest magnitude as the largest bit pattern of |x|: a NaN's lies above
-  // inf's, so a NaN anywhere becomes the absmax, as in torch's amax.
-  uint32_t largest = 0;
-#pragma omp simd reduction(max : largest)
-  for (int64_t i = 0; i < count; ++i) largest = std::max(largest, float_to_bits(values[i]) & 0x7FFFFFFFu);
-  const float block_absmax = bits_to_float(largest);
+template <bool Signed>
+inline void lookup_codes(const float* __restrict values, float divisor, const uint16_t* __restrict noise, int64_t count,
+                         const float* __restrict map, uint8_t* __restrict codes) {
+  const MapLayout& m = Signed ? kSignedLayout : kUnsignedLayout;
+  int64_t i = 0;
+  // j is clamped to [1, 255] before the comparison (which keeps clamp(j, 1, 255) as it is), and
+  // the comparison's map value is one of the two neighbours: one more gather fetches the other.
+#if defined(__AVX512F__)
+  const __m512i one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(255);
+  const __m512 scales = _mm512_loadu_ps(m.scale), below = _mm512_loadu_ps(m.offset_below),
+               above = _mm512_loadu_ps(m.offset_above), divisors = _mm512_set1_ps(divisor);
+  const __m512i bins = _mm512_loadu_si512(m.bins), bases = _mm512_loadu_si512(m.base);
+  for (; i + 16 <= count; i += 16) {
+    const __m512 x = _mm512_div_ps(_mm512_loadu_ps(values + i), divisors);
+    const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512 y = _mm512_abs_ps(x);
+    __m512i k = _mm512_setzero_si512();
+    for (int d = 1; d < kDecades; ++d)
+      k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(y, _mm512_set1_ps(m.edge[d]), _CMP_GE_OQ), k, one);
+    const __m512 offset = _mm512_mask_blend_ps(positive, _mm512_permutexvar_ps(k, above), _mm512_permutexvar_ps(k, below));
+    const __m512 t = _mm512_min_ps(_mm512_fmsub_ps(y, _mm512_permutexvar_ps(k, scales), offset), _mm512_set1_ps(256.0f));
+    __m512i n = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    n = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(n, _mm512_setzero_si512()), _mm512_permutexvar_epi32(k, bins)),
+                         _mm512_permutexvar_epi32(k, bases));
+    __m512i j;
+    if constexpr (Signed) {
+      __m512i mirrored = _mm512_sub_epi32(_mm512_set1_epi32(127), n);
+      mirrored = _mm512_mask_sub_epi32(mirrored, _mm512_cmp_ps_mask(y, _mm512_set1_ps(1.0f), _CMP_GE_OQ), mirrored, one);
+      mirrored = _mm512_mask_add_epi32(mirrored, _mm512_cmp_ps_mask(y, _mm512_set1_ps(map[128]), _CMP_GE_OQ), mirrored, one);
+      j = _mm512_mask_blend_epi32(positive, mirrored, _mm512_add_epi32(n, _mm512_set1_epi32(128)));
+    } else {
+      j = _mm512_mask_blend_epi32(positive, one, _mm512_add_epi32(n, one));
+    }
+    j = _mm512_min_epi32(_mm512_max_epi32(_mm512_mask_blend_epi32(nan, j, top), one), top);
+    const __m512 compared = _mm512_i32gather_ps(j, map, 4);
+    // Up: x above map[j], whose upper neighbour is then the other one (but at the map's end).
+    const __mmask16 up = _mm512_cmp_ps_mask(compared, x, _CMP_LT_OQ) & _mm512_cmp_epi32_mask(j, top, _MM_CMPINT_LT);
+    const __m512i lower = _mm512_mask_blend_epi32(up, _mm512_sub_epi32(j, one), j);
+    const __m512 other = _mm512_i32gather_ps(_mm512_mask_blend_epi32(up, lower, _mm512_add_epi32(j, one)), map, 4);
+    const __m512 low = _mm512_mask_blend_ps(up, other, compared);
+    const __m512 high = _mm512_mask_blend_ps(up, compared, other);
+    const __m512 fraction = _mm512_div_ps(_mm512_sub_ps(x, low), _mm512_sub_ps(high, low));
+    const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(noise + i)));
+    const __m512 uniform = _mm512_mul_ps(_mm512_cvtepi32_ps(words), _mm512_set1_ps(0x1p-16f));
+    const __mmask16 round_up = _mm512_cmp_ps_mask(uniform, fraction, _CMP_LT_OQ);
+    const __m512i code = _mm512_mask_add_epi32(lower, round_up, lower, one);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
+  }
+#elif defined(__AVX2__)
+  const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(255), zero = _mm256_setzero_si256();
+  const __m256 scales = _mm256_loadu_ps(m.scale), below = _mm256_loadu_ps(m.offset_below),
+               above = _mm256_loadu_ps(m.offset_above), divisors = _mm256_set1_ps(divisor);
+  const __m256i bins = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.bins)),
+                bases = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.base));
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const auto blend = [](__m256i a, __m256i b, __m256 mask) {
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), mask));
+  };
+  for (; i + 8 <= count; i += 8) {
+    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(values + i), divisors);
+    // A true comparison is -1 in every bit: subtracting it adds one.
+    const __m256 positive = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    const __m256 y = _mm256_and_ps(x, magnitude);
+    __m256i k = zero;
+    for (int d = 1; d < kDecades; ++d)
+      k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_set1_ps(m.edge[d]), _CMP_GE_OQ)));
+    const __m256 offset = _mm256_blendv_ps(_mm256_permutevar8x32_ps(above, k), _mm256_permutevar8x32_ps(below, k), positive);
+    const __m256 t = _mm256_min_ps(_mm256_fmsub_ps(y, _mm256_permutevar8x32_ps(scales, k), offset), _mm256_set1_ps(256.0f));
+    __m256i n = _mm256_cvttps_epi32(_mm256_floor_ps(t));
+    n = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(n, zero), _mm256_permutevar8x32_epi32(bins, k)),
+                         _mm256_permutevar8x32_epi32(bases, k));
+    __m256i j;
+    if constexpr (Signed) {
+      __m256i mirrored = _mm256_sub_epi32(_mm256_set1_epi32(127), n);
+      mirrored = _mm256_add_epi32(mirrored, _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_set1_ps(1.0f), _CMP_GE_OQ)));
+      mirrored = _mm256_sub_epi32(mirrored, _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_set1_ps(map[128]), _CMP_GE_OQ)));
+      j = blend(mirrored, _mm256_add_epi32(n, _mm256_set1_epi32(128)), positive);
+    } else {
+      j = blend(one, _mm256_add_epi32(n, one), positive);
+    }
+    j = _mm256_min_epi32(_mm256_max_epi32(blend(j, top, nan), one), top);
+    const __m256 compared = _mm256_i32gather_ps(map, j, 4);
+    const __m256 up = _mm256_and_ps(_mm256_cmp_ps(compared, x, _CMP_LT_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(top, j)));
+    const __m256i lower = blend(_mm256_sub_epi32(j, one), j, up);
+    const __m256 other = _mm256_i32gather_ps(map, blend(lower, _mm256_add_epi32(j, one), up), 4);
+    const __m256 low = _mm256_blendv_ps(other, compared, up);
+    const __m256 high = _mm256_blendv_ps(compared, other, up);
+    const __m256 fraction = _mm256_div_ps(_mm256_sub_ps(x, low), _mm256_sub_ps(high, low));
+    const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(noise + i)));
+    const __m256 uniform = _mm256_mul_ps(_mm256_cvtepi32_ps(words), _mm256_set1_ps(0x1p-16f));
+    const __m256 round_up = _mm256_cmp_ps(uniform, fraction, _CMP_LT_OQ);
+    const __m256i code = _mm256_sub_epi32(lower, _mm256_castps_si256(round_up));
+    const __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(halves, halves));
+  }
+#endif
+  for (; i < count; ++i) {
+    const float x = values[i] / divisor;
+    int32_t j = x != x ? 255 : estimate_count<Signed>(x, map);
+    j += map[j] < x;
+    const int32_t lower = std::min(std::max(j, 1), 255) - 1;
+    const float low = map[lower];
+    const float fraction = (x - low) / (map[lower + 1] - low);
+    // Through int32: AVX2 converts no unsigned integers.
+    codes[i] = uint8_t(lower + (float(int32_t(noise[i])) * 0x1p-16f < fraction));
+  }
+}
+
+// The largest magnitude of a block as the largest bit pattern of |x|: a NaN's lies above inf's,
+// so a NaN anywhere becomes the absmax, as in torch's amax.
+inline uint32_t magnitude_bits(float x) { return float_to_bits(x) & 0x7FFFFFFFu; }
+
+// rmsprop.formats.codecs.quantize_blockwise of one block whose largest magnitude is known, with
+// the noise of its elements (first: the index of its first element).
+template <bool Signed>
+inline void encode_block(const float* __restrict values, int64_t count, float block_absmax, uint8_t* __restrict codes,
+                         float* absmax, const float* __restrict map, uint64_t seed, int64_t first) {
   *absmax = block_absmax;
-  const float divisor = block_absmax > 0 ? block_absmax : 1.0f;
   alignas(64) uint16_t noise[kBlock];
   rounding_noise(seed, first, count, noise);
-  alignas(64) float uniforms[kBlock];
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) {
-    values[i] = values[i] / divisor;
-    // Through int32: AVX2 converts no unsigned integers.
-    uniforms[i] = float(int32_t(noise[i])) * 0x1p-16f;
-  }
-  lookup_codes(values, uniforms, count, map, table, codes);
+  lookup_codes<Signed>(values, block_absmax > 0 ? block_absmax : 1.0f, noise, count, map, codes);
 }
 
 // 8-bit state, a block at a time: decode, apply the rule, encode. square holds
@@ -401,7 +480,7 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
   uint8_t* v_codes = static_cast<uint8_t*>(e.square);
   uint8_t* m_codes = static_cast<uint8_t*>(e.grad_avg);
   uint8_t* b_codes = static_cast<uint8_t*>(e.momentum);
-  // One block's decoded values, then its new values in float32 until their absmax is known.
+  // One block's decoded values, then its new values in float32, with their absmax.
   alignas(64) float new_v[kBlock], new_m[kBlock], new_b[kBlock];
   for (int64_t first = start; first < end; first += kBlock) {
     const int64_t block = first / kBlock;
@@ -411,7 +490,8 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
     if constexpr (V.momentum) decode_block(b_codes + first, count, maps.signed_map, e.momentum_absmax[block], new_b);
     S* __restrict p = p_all + first;
     const S* __restrict g = g_all + first;
-#pragma omp simd
+    uint32_t v_largest = 0, m_largest = 0, b_largest = 0;
+#pragma omp simd reduction(max : v_largest, m_largest, b_largest)
     for (int64_t i = 0; i < count; ++i) {
       const C root = C(new_v[i]);
       C vi = root * root, mi = 0, bi = 0;
@@ -426,19 +506,32 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
       if constexpr (V.centered) {
         vi = vi - weight_after * (mi * mi);
         new_m[i] = float(mi);
+        m_largest = std::max(m_largest, magnitude_bits(new_m[i]));
       }
-      if constexpr (V.momentum) new_b[i] = float(bi);
+      if constexpr (V.momentum) {
+        new_b[i] = float(bi);
+        b_largest = std::max(b_largest, magnitude_bits(new_b[i]));
+      }
       new_v[i] = float(std::sqrt(clamp_to_zero(vi)));
+      v_largest = std::max(v_largest, magnitude_bits(new_v[i]));
     }
-    encode_block(new_v, count, v_codes + first, e.square_absmax + block, maps.unsigned_map, maps.unsigned_table,
-                 e.seeds[0], first);
+    encode_block<false>(new_v, count, bits_to_float(v_largest), v_codes + first, e.square_absmax + block,
+                        maps.unsigned_map, e.seeds[0], first);
     if constexpr (V.centered)
-      encode_block(new_m, count, m_codes + first, e.grad_avg_absmax + block, maps.signed_map, maps.signed_table,
-                   e.seeds[1], first);
+      encode_block<true>(new_m, count, bits_to_float(m_largest), m_codes + first, e.grad_avg_absmax + block,
+                         maps.signed_map, e.seeds[1], first);
     if constexpr (V.momentum)
-      encode_block(new_b, count, b_codes + first, e.momentum_absmax + block, maps.signed_map, maps.signed_table,
-                   e.seeds[2], first);
+      encode_block<true>(new_b, count, bits_to_float(b_largest), b_codes + first, e.momentum_absmax + block,
+                         maps.signed_map, e.seeds[2], first);
   }
+}
+
+// The codes of values already divided by their block's absmax, with given noise, as the 8-bit
+// encoding finds them (tests compare them with the reference's).
+inline void encode_codes(bool is_signed, const float* scaled, const uint16_t* noise, int64_t count, const float* map,
+                         uint8_t* codes) {
+  if (is_signed) lookup_codes<true>(scaled, 1.0f, noise, count, map, codes);
+  else lookup_codes<false>(scaled, 1.0f, noise, count, map, codes);
 }
 
 template <Storage S, Format F, unsigned B>

@@ -12,7 +12,7 @@ namespace rmsprop_kernel {
 // How a tensor's elements are stored. Complex tensors travel as their real type, twice as long.
 enum class Storage : uint8_t { Float32, Float64, BFloat16, Float16 };
 
-// How the state buffers are stored (rmsprop.state_precision): as the parameter (Same),
+// How the state buffers are stored (rmsprop.formats): as the parameter (Same),
 // float32 beside a 16-bit parameter (Float32), bfloat16 rounded stochastically, or 8-bit blocks.
 enum class Format : uint8_t { Same, Float32, BFloat16, Blockwise8bit };
 
@@ -50,9 +50,9 @@ struct Entry {
   float* grad_avg_absmax;
   float* momentum_absmax;
   // 1 / (1 - alpha^t) after this step (1 without bias correction), and the weights of
-  // grad_avg^2 in grad_variance before and after it (rmsprop.state_precision.mean_weight).
+  // grad_avg^2 in grad_variance before and after it (rmsprop.formats.layout.mean_weight).
   double inverse_correction, weight_before, weight_after;
-  // Seeds of the rounding noise of square, grad_avg and momentum (rmsprop.state_precision.rounding_seed).
+  // Seeds of the rounding noise of square, grad_avg and momentum (rmsprop.formats.noise.rounding_seed).
   uint64_t seeds[3];
 };
 
@@ -115,12 +115,12 @@ struct Job {
 // Steps elements [start, end) of one entry; start is a multiple of kBlock.
 using ChunkFunction = void (*)(const Job&, const Entry&, int64_t start, int64_t end);
 
-// Elements per block of 8-bit state (rmsprop.state_precision.BLOCK_SIZE).
+// Elements per block of 8-bit state (rmsprop.formats.layout.BLOCK_SIZE).
 constexpr int64_t kBlock = 256;
 // Elements per work item of the threads: a multiple of kBlock.
 constexpr int64_t kChunk = 1 << 16;
 
-// SplitMix64's constants, as rmsprop.state_precision.rounding_bits uses them.
+// SplitMix64's constants, as rmsprop.formats.noise.rounding_bits uses them.
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
 constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ull;
 constexpr uint64_t kMix2 = 0x94D049BB133111EBull;

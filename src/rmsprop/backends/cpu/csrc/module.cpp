@@ -226,7 +226,7 @@ PyObject* set_maps(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// rmsprop.state_precision.rounding_seed: buffer key of parameter param_index at step.
+// rmsprop.formats.noise.rounding_seed: buffer key of parameter param_index at step.
 uint64_t rounding_seed(int64_t param_index, int64_t key, int64_t step) {
   uint64_t seed = random_bits(uint64_t(param_index), 0);
   seed = random_bits(seed ^ uint64_t(key), 0);
@@ -598,7 +598,7 @@ PyGetSetDef plan_getset[] = {
 
 PyTypeObject plan_type = [] {
   PyTypeObject type{PyVarObject_HEAD_INIT(nullptr, 0)};
-  type.tp_name = "rmsprop._cpu_kernel.Plan";
+  type.tp_name = "rmsprop.backends.cpu._cpu_kernel.Plan";
   type.tp_basicsize = sizeof(PlanObject);
   type.tp_dealloc = plan_dealloc;
   type.tp_flags = Py_TPFLAGS_DEFAULT;

@@ -1,4 +1,4 @@
-// The rule of rmsprop.functional over one chunk of a step, for every storage
+// The rule of rmsprop.core.functional over one chunk of a step, for every storage
 // and state format. Included by each isa_*.cpp inside a namespace of its own
 // and compiled with that instruction set's flags; the loops are plain C++
 // that GCC vectorises (#pragma omp simd), except the 8-bit map lookups,
@@ -190,7 +190,7 @@ __attribute__((always_inline)) inline C clamp_to_zero(C x) {
   return select(Bits<C>(0) - Bits<C>(x < 0), C(0), x);
 }
 
-// One element of the rule of rmsprop.functional.
+// One element of the rule of rmsprop.core.functional.
 // Always inlined: a call in a loop keeps it scalar, and GCC's inliner gave up on some
 // of the larger loops.
 template <typename C, Variant V>

@@ -616,3 +616,34 @@ def test_fused_8bit_state_makes_the_block_of_a_nan_non_finite_as_the_per_tensor_
             decoded = dequantize_blockwise(state[key], absmax, qmap)
             assert decoded[256:512].isnan().all() and decoded[:256].isfinite().all(), (fused, key)
     assert calls == [0, 1, 0, 0]
+
+
+def _stepped_low_precision(precision):
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (300, 600, 5000)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = RMSprop(params, state_precision=precision, min_8bit_size=256, momentum=0.9, centered=True)
+    optimizer.step()
+    return params, [optimizer.state[p] for p in params]
+
+
+_BREAKAGES = {
+    "none": lambda params, states: None,
+    "grad-not-contiguous": lambda params, states: setattr(params[1], "grad", torch.randn(1200)[::2]),
+    "grad-negative-bit": lambda params, states: setattr(params[0], "grad", torch._neg_view(params[0].grad)),
+    "entry-dtype": lambda params, states: states[2].update(grad_avg=states[2]["grad_avg"].float()),
+    "entry-shape": lambda params, states: states[1].update(momentum_buffer=states[1]["momentum_buffer"][:-1]),
+    "step-dtype": lambda params, states: states[0].update(step=states[0]["step"].half()),
+    "step-shape": lambda params, states: states[2].update(step=torch.zeros(2)),
+}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+@pytest.mark.parametrize("breakage", _BREAKAGES.values(), ids=_BREAKAGES.keys())
+def test_the_bulk_check_of_encoded_state_agrees_with_the_per_param_check(precision, breakage):
+    from rmsprop.backends.fused import encoded_all_supported, encoded_unsupported_reason
+
+    params, states = _stepped_low_precision(precision)
+    breakage(params, states)
+    reasons = [encoded_unsupported_reason(p, state, precision) for p, state in zip(params, states, strict=True)]
+    assert encoded_all_supported(params, states, precision) == all(reason is None for reason in reasons)

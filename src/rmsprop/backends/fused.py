@@ -34,6 +34,7 @@ from rmsprop.core.hyperparameters import Hyperparameters
 from rmsprop.formats.layout import num_blocks, stored_keys
 
 __all__ = [
+    "encoded_all_supported",
     "encoded_unsupported_reason",
     "fused_rmsprop",
     "fused_rmsprop_encoded",
@@ -252,6 +253,36 @@ def encoded_unsupported_reason(p: Tensor, state: dict, fmt: str) -> str | None:
         if reason is not None:
             return reason
     return missing_backend(p.device)
+
+
+def encoded_all_supported(params: list[Tensor], states: list[dict], fmt: str) -> bool:
+    """Whether :func:`encoded_unsupported_reason` finds nothing for any of these params, all with
+    state stored as ``fmt`` under the same keys: its checks, one C-level pass per property."""
+    grads = [p.grad for p in params]
+    if not (params and all(map(_all_plain_strided_contiguous, (params, grads)))):
+        return False
+    dtypes, shapes, devices = list(map(_DTYPE, params)), list(map(_SHAPE, params)), list(map(_DEVICE, params))
+    if list(map(_DTYPE, grads)) != dtypes or list(map(_SHAPE, grads)) != shapes or len(set(devices)) != 1:
+        return False
+    if not set(dtypes) <= (_REAL_DTYPES if fmt != "wide" else _SUPPORTED_DTYPES):
+        return False
+    steps = [state["step"] for state in states]
+    if not (set(map(_DTYPE, steps)) <= _STEP_DTYPES and all(map(_IS_CPU, steps)) and set(map(Tensor.numel, steps)) <= {1}):
+        return False
+    expected = [_STATE_DTYPES.get(fmt, torch.float32 if dtype in _HALF else dtype) for dtype in dtypes]
+    blocks = [(num_blocks(p.numel()),) for p in params] if fmt == "8bit" else None
+    for key in stored_keys(states[0]):
+        entries = [(key, expected, shapes)] + ([(key + "_absmax", [torch.float32] * len(params), blocks)] if blocks else [])
+        for name, entry_dtypes, entry_shapes in entries:
+            tensors = [state[name] for state in states]
+            if not (
+                _all_plain_strided_contiguous(tensors)
+                and list(map(_DTYPE, tensors)) == entry_dtypes
+                and list(map(_SHAPE, tensors)) == entry_shapes
+                and set(map(_DEVICE, tensors)) == set(devices)
+            ):
+                return False
+    return missing_backend(devices[0]) is None
 
 
 _HALF = (torch.bfloat16, torch.float16)

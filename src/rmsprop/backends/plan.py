@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from rmsprop.backends.fused import encoded_unsupported_reason, missing_backend, unsupported_reason
+from rmsprop.backends.fused import encoded_all_supported, encoded_unsupported_reason, missing_backend, unsupported_reason
 
 __all__ = [
     "BACKENDS",
@@ -160,6 +160,8 @@ def plan_low_precision(
     device = candidates[0][1].device
     fused_backend = FUSED_BACKENDS.get(device.type, "cpu-kernel")
     off = fused_wanted(group) or missing_backend(device)
+    if off is None and _all_ready_and_supported(candidates):
+        return GroupPlan(group_index, {fused_backend: tuple(position for position, *_ in candidates)})
     for position, p, state, fmt, ready in candidates:
         if off is not None:
             per_tensor.append(position)
@@ -183,3 +185,15 @@ def plan_low_precision(
         declined[fused_backend] = off
     steps = {name: tuple(chosen) for name, chosen in ((fused_backend, fused), ("per-tensor", per_tensor)) if chosen}
     return GroupPlan(group_index, steps, declined)
+
+
+def _all_ready_and_supported(candidates: Sequence[tuple[int, Tensor, Mapping[str, Any] | None, str, bool]]) -> bool:
+    """Whether every candidate's state is ready and the fused kernel takes it: the common step, checked in bulk."""
+    if not all(ready for *_, ready in candidates):
+        return False
+    by_format: dict[str, list[tuple[Tensor, Mapping[str, Any]]]] = {}
+    for _, p, state, fmt, _ in candidates:
+        by_format.setdefault(fmt, []).append((p, state))
+    return all(
+        encoded_all_supported([p for p, _ in chosen], [state for _, state in chosen], fmt) for fmt, chosen in by_format.items()
+    )

@@ -154,6 +154,11 @@ def _all_supported(params: list[Tensor], buffers: list[list[Tensor]], state_step
         for tensors in buffers
     ):
         return False
+    return _all_steps_fit(state_steps)
+
+
+def _all_steps_fit(state_steps: list[Tensor]) -> bool:
+    """:func:`_step_fits` for every tensor, one C-level pass per property."""
     return (
         set(map(_DTYPE, state_steps)) <= _STEP_DTYPES
         and all(map(_IS_CPU, state_steps))
@@ -266,8 +271,7 @@ def encoded_all_supported(params: list[Tensor], states: list[dict], fmt: str) ->
         return False
     if not set(dtypes) <= (_REAL_DTYPES if fmt != "wide" else _SUPPORTED_DTYPES):
         return False
-    steps = [state["step"] for state in states]
-    if not (set(map(_DTYPE, steps)) <= _STEP_DTYPES and all(map(_IS_CPU, steps)) and set(map(Tensor.numel, steps)) <= {1}):
+    if not _all_steps_fit([state["step"] for state in states]):
         return False
     expected = [_STATE_DTYPES.get(fmt, torch.float32 if dtype in _HALF else dtype) for dtype in dtypes]
     blocks = [(num_blocks(p.numel()),) for p in params] if fmt == "8bit" else None

@@ -291,7 +291,7 @@ def _to_float64(param: torch.nn.Parameter) -> None:
         (lambda params, opt: params[0].grad.as_strided_((2, 3), (1, 2)), "parameter 0: its gradient is not"),
         (lambda params, opt: setattr(params[0].grad, "data", params[0].grad.double()), "parameter 0: its gradient is not"),
         (lambda params, opt: params[1].grad.resize_(6), "parameter 1: its gradient is not"),
-        (lambda params, opt: opt.state[params[0]].pop("grad_avg"), "parameter 0: its 'grad_avg' is not"),
+        (lambda params, opt: opt.state[params[0]].pop("grad_avg"), "parameter 0: its 'grad_avg' is missing"),
         (lambda params, opt: opt.state[params[1]].update(step=3), "parameter 1: its 'step' is not a 1-element"),
         (lambda params, opt: opt.state[params[1]].update(step=torch.tensor(3)), "parameter 1: its 'step' is not a 1-element"),
         (lambda params, opt: opt.state.update({params[0]: [1]}), "parameter 0: its state is not a dict"),
@@ -322,6 +322,88 @@ def test_gather_group_skips_params_without_gradients_and_does_not_add_state():
     params[1].grad = None
     assert len(cpu_kernel.gather_group(optimizer, 0)) == 1
     assert extra not in optimizer.state
+
+
+def _low_precision_stepped_twice(**settings) -> tuple[list[torch.nn.Parameter], RMSprop]:
+    """A bf16-param and an fp32-param tensor of 3 blocks, and a small one (fp32 "wide" state in 8-bit groups)."""
+    params = [
+        torch.nn.Parameter(torch.ones(3, 200, dtype=torch.bfloat16)),
+        torch.nn.Parameter(torch.ones(600)),
+        torch.nn.Parameter(torch.ones(10, dtype=torch.bfloat16)),
+    ]
+    optimizer = RMSprop(params, lr=0.01, min_8bit_size=256, **settings)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+@pytest.mark.parametrize("settings", [{}, {"momentum": 0.9, "centered": True}], ids=["plain", "momentum+centered"])
+def test_gather_group_takes_a_low_precision_group_whose_state_is_stored_as_it_asks(precision, settings):
+    _, optimizer = _low_precision_stepped_twice(state_precision=precision, **settings)
+    assert len(cpu_kernel.gather_group(optimizer, 0)) == 3
+
+
+def _absmax_of(key: str):
+    return lambda params, opt: opt.state[params[1]][key + "_absmax"]
+
+
+@pytest.mark.parametrize(
+    ("precision", "change", "reason"),
+    [
+        # A buffer the settings do not use, or one missing: the Python planning converts or creates.
+        ("bf16", lambda params, opt: opt.state[params[0]].update(extra=torch.ones(1)), "parameter 0: its state holds entries"),
+        ("8bit", lambda params, opt: opt.state[params[1]].pop("grad_variance_absmax"), "parameter 1: its 'grad_variance_absmax' is missing"),
+        ("8bit", lambda params, opt: opt.param_groups[0].update(momentum=0.0), "parameter 0: its state holds entries"),
+        ("bf16", lambda params, opt: opt.state[params[1]].update(grad_avg=torch.ones(600)), "parameter 1: its 'grad_avg' is not"),
+        ("8bit", lambda params, opt: opt.state[params[1]].update(grad_variance_absmax=torch.ones(2)), "parameter 1: its 'grad_variance_absmax' is not"),
+        ("8bit", lambda params, opt: setattr(_absmax_of("momentum_buffer")(params, opt), "data", torch.ones(3, dtype=torch.float64)), "parameter 1: its 'momentum_buffer_absmax' is not"),
+        # The group's format changed under state of the old one: the same objects are checked again.
+        ("bf16", lambda params, opt: opt.param_groups[0].update(state_precision="8bit"), "parameter 0: its 'grad_variance_absmax' is missing"),
+        ("8bit", lambda params, opt: opt.param_groups[0].update(min_8bit_size=1000), "parameter 0: its 'square_avg' is missing"),
+        ("bf16", lambda params, opt: opt.param_groups[0].update(state_precision="full"), "parameter 0: its 'square_avg' is missing"),
+    ],
+)
+def test_gather_group_declines_low_precision_state_it_cannot_step_and_says_why(precision, change, reason):
+    params, optimizer = _low_precision_stepped_twice(state_precision=precision, momentum=0.9, centered=True)
+    assert not isinstance(cpu_kernel.gather_group(optimizer, 0), str)
+    change(params, optimizer)
+    declined = cpu_kernel.gather_group(optimizer, 0)
+    assert isinstance(declined, str) and declined.startswith(reason), declined
+
+
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+def test_a_gathered_low_precision_group_is_seeded_by_its_params_position_among_all_params(precision):
+    """Two groups: the second's noise is seeded from its params' positions after the first group's,
+    as the per-tensor path seeds it; a wrong position would change the rounding of most elements."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(3, 200), (600,)]
+    fused_params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes * 2]
+    loop_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+    settings = {"state_precision": precision, "min_8bit_size": 256, "momentum": 0.9, "centered": True}
+    optimizers = [
+        RMSprop([{"params": params[:2]}, {"params": params[2:]}], fused=fused, **settings)
+        for params, fused in ((fused_params, None), (loop_params, False))
+    ]
+    for step in range(4):
+        for p, q in zip(fused_params, loop_params, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        if step > 0:
+            assert all(not isinstance(cpu_kernel.gather_group(optimizers[0], i, 2 * i), str) for i in (0, 1))
+        for optimizer in optimizers:
+            optimizer.step()
+    for p, q in zip(fused_params, loop_params, strict=True):
+        state, expected = optimizers[0].state[p], optimizers[1].state[q]
+        for key, value in state.items():
+            if value.dtype == torch.uint8:
+                assert (value.int() - expected[key].int()).abs().max() <= 1, key
+                assert (value != expected[key]).float().mean() < 0.01, key
+            elif value.dtype == torch.bfloat16:
+                assert (value != expected[key]).float().mean() < 0.01, key
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_a_gathered_step_bumps_the_version_of_the_parameters_with_gradients():

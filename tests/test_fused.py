@@ -466,17 +466,24 @@ def _check_same_step(fused: RMSprop, fused_params: list, loop: RMSprop, loop_par
 
 
 def _spy_on_encoded_kernels(monkeypatch) -> list[int]:
-    """How many parameters each call of the low-precision fused path got."""
+    """How many parameters each call of the low-precision fused path got: through the Python
+    planning (``fused_rmsprop_encoded``) or as a group the CPU kernel gathered itself."""
     import rmsprop.core.optimizer
 
     calls = []
     original = rmsprop.core.optimizer.fused_rmsprop_encoded
+    original_run = rmsprop.backends.cpu.kernel.run
 
     def spy(params, *args):
         calls.append(len(params))
         return original(params, *args)
 
+    def spy_run(plan, *args):
+        calls.append(len(plan))
+        return original_run(plan, *args)
+
     monkeypatch.setattr(rmsprop.core.optimizer, "fused_rmsprop_encoded", spy)
+    monkeypatch.setattr(rmsprop.backends.cpu.kernel, "run", spy_run)
     return calls
 
 

@@ -351,27 +351,32 @@ class RMSprop(Optimizer):
         return has_complex
 
     def _gathered_fused_groups(self) -> dict[int, Any]:
-        """Kernel plans of the full-precision CPU groups whose tensors the CPU kernel gathered and checked itself.
+        """Kernel plans of the CPU groups whose tensors the CPU kernel gathered and checked itself.
 
         The kernel reads each param's gradient and state and checks them all
         itself; it declines a group with a missing, sparse, non-CPU or
-        mismatched tensor, or no state yet, which the Python planning below
-        then takes, with its errors and state creation. It decides as
-        :func:`rmsprop.backends.plan.plan_full_precision` would, only faster.
+        mismatched tensor, no state yet, or low-precision state to create or
+        convert, which the Python planning below then takes, with its errors,
+        state creation and conversion. It decides as
+        :func:`rmsprop.backends.plan.plan_full_precision` and
+        :func:`rmsprop.backends.plan.plan_low_precision` would when they choose
+        the CPU kernel for every param with a gradient, only faster.
         """
         plans: dict[int, Any] = {}
-        # Low-precision groups may have their state converted before the step.
-        if torch.compiler.is_compiling() or getattr(self, "_low_precision_used", True) or not isinstance(self.state, dict):
+        if torch.compiler.is_compiling() or not isinstance(self.state, dict):
             return plans
+        first_index = 0
         for group_index, group in enumerate(self.param_groups):
-            if group["state_precision"] != "full" or group["differentiable"] or group["capturable"]:
+            first = first_index
+            first_index += len(group["params"])
+            if group["differentiable"] or group["capturable"]:
                 continue
             # A CUDA group goes to the Triton kernel: no gathering to refuse.
             if fused_wanted(group) is not None or not (group["params"] and group["params"][0].is_cpu):
                 continue
             if cpu_kernel.kernel() is None:
                 break
-            plan = cpu_kernel.gather_group(self, group_index)
+            plan = cpu_kernel.gather_group(self, group_index, first)
             if not isinstance(plan, str):
                 plans[group_index] = plan
         return plans
@@ -441,7 +446,8 @@ class RMSprop(Optimizer):
         # Unknown after unpickling, hence True by default.
         if getattr(self, "_low_precision_used", True):
             for group_index, group in enumerate(self.param_groups):
-                if group["state_precision"] == "full":
+                # A gathered group's params with gradients hold full state already.
+                if group["state_precision"] == "full" and not self._gathered_all(gathered, group_index):
                     self._convert_state(group_index)
         runs: list[Callable[[], None]] = []
         plans: list[GroupPlan] = []
@@ -449,10 +455,14 @@ class RMSprop(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             hp = Hyperparameters.from_group(group)
             if group_index in gathered:
+                low_precision = group["state_precision"] != "full"
+                if low_precision and not self._gathered_all(gathered, group_index):
+                    runs.append(functools.partial(self._convert_state, group_index, skip_params_with_grads=True))
                 runs.append(functools.partial(cpu_kernel.run, gathered[group_index], hp))
                 if _log.isEnabledFor(logging.DEBUG):
                     positions = tuple(i for i, p in enumerate(group["params"]) if p.grad is not None)
-                    plans.append(GroupPlan(group_index, {"cpu-kernel": positions}, {"foreach": "cpu-kernel comes first"}))
+                    declined = {} if low_precision else {"foreach": "cpu-kernel comes first"}
+                    plans.append(GroupPlan(group_index, {"cpu-kernel": positions}, declined))
                 continue
             if group["state_precision"] != "full":
                 plan = self._plan_low_precision(group_index)
@@ -481,6 +491,10 @@ class RMSprop(Optimizer):
             self._check_state_fits_params(unfused)
         self._log_plans(plans)
         return runs
+
+    def _gathered_all(self, gathered: dict[int, Any], group_index: int) -> bool:
+        """Whether the kernel gathered every param of the group (all had gradients)."""
+        return group_index in gathered and len(gathered[group_index]) == len(self.param_groups[group_index]["params"])
 
     def _log_plans(self, plans: list[GroupPlan]) -> None:
         """Log each group's plan at DEBUG level when it differs from the one logged last."""

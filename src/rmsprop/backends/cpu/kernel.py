@@ -34,7 +34,7 @@ from torch import Tensor
 
 from rmsprop.backends.cpu import build as kernel_build
 from rmsprop.core.hyperparameters import Hyperparameters, KernelScalars
-from rmsprop.formats.layout import STORED
+from rmsprop.formats.layout import ABSMAX_SUFFIX, STORED
 from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
 
 __all__ = [
@@ -102,7 +102,7 @@ def _load_extension() -> tuple[ModuleType | None, str]:
             raise ValueError(f"{INSTRUCTION_SET_VARIABLE}={forced!r}: {error}") from None
     module.set_torch(
         Tensor, torch.nn.Parameter, torch.strided, torch.float32, torch.float64, torch.bfloat16, torch.float16,
-        torch.complex64, torch.complex128,
+        torch.complex64, torch.complex128, torch.uint8,
     )
     module.set_maps(SIGNED_MAP.numpy(), UNSIGNED_MAP.numpy())
     return module, origin
@@ -261,32 +261,48 @@ def step_encoded(params: list[Tensor], states: list[dict], fmt: str, param_indic
     torch.autograd.graph.increment_version(params)
 
 
-# The state keys gather_group reads, made once.
-_GATHERED_KEYS = ("square_avg", "grad_avg", "momentum_buffer", "step")
+# The state keys gather_group reads, made once: the buffers, step, then each buffer's 8-bit absmax.
+_BUFFER_KEYS = ("square_avg", "grad_variance", "grad_avg", "momentum_buffer")
+_GATHERED_KEYS = (*_BUFFER_KEYS, "step", *(key + ABSMAX_SUFFIX for key in _BUFFER_KEYS))
+# The buffers' indices in rmsprop.formats.noise.rounding_seed, and gather_group's codes of state_precision.
+_SEED_KEYS = tuple(STORED.index(key) for key in _BUFFER_KEYS)
+_PRECISIONS = {"full": 0, "bf16": 1, "8bit": 2}
 
 
 # The last plan of each group of each optimizer: the next gather checks again only what changed.
 _last_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def gather_group(optimizer: torch.optim.Optimizer, group_index: int) -> object | str:
+def gather_group(optimizer: torch.optim.Optimizer, group_index: int, first_index: int = 0) -> object | str:
     """The checked tensors of a group's step (a ``Plan`` for :func:`run`), or why there is none.
 
     Reads each param's gradient and its state in ``optimizer.state`` and
-    checks every tensor as :func:`rmsprop.backends.fused.unsupported_reason` does, in
-    C; params without a gradient are skipped. A param and its state tensors
-    that are the objects the group's last plan checked, at the same
-    addresses, are not checked again (the plan holds them until the next
+    checks every tensor as :func:`rmsprop.backends.fused.unsupported_reason`
+    (full precision) or :func:`rmsprop.backends.fused.encoded_unsupported_reason`
+    (the formats of :func:`rmsprop.formats.layout.target_format`) does, in C;
+    params without a gradient are skipped. A low-precision group's state must
+    hold exactly the entries its format and settings use (what
+    :func:`rmsprop.formats.layout.holds_group_layout` checks); ``first_index``,
+    the position of the group's first param among all the optimizer's params,
+    seeds its rounding noise. A param and its state tensors that are the
+    objects the group's last plan checked, at the same addresses and for the
+    same format, are not checked again (the plan holds them until the next
     gather); nor is a gradient that is the object checked last time, at the
     same address and version (the plan holds it by a weak reference). A
     missing or unfit tensor anywhere, or a param without state, leaves the
-    whole group to the Python gathering.
+    whole group to the Python planning.
     """
     group = optimizer.param_groups[group_index]
     plans = _last_plans.setdefault(optimizer, {})
-    plan = _required().gather_group(
-        group["params"], optimizer.state, group["centered"], group["momentum"] > 0, _GATHERED_KEYS, plans.get(group_index)
+    spec = (
+        _PRECISIONS[group["state_precision"]],
+        group["min_8bit_size"],
+        group["centered"],
+        group["momentum"] > 0,
+        first_index,
+        _SEED_KEYS,
     )
+    plan = _required().gather_group(group["params"], optimizer.state, spec, _GATHERED_KEYS, plans.get(group_index))
     if isinstance(plan, str):
         plans.pop(group_index, None)
     else:

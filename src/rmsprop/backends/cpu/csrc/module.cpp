@@ -233,6 +233,15 @@ uint64_t rounding_seed(int64_t param_index, int64_t key, int64_t step) {
   return random_bits(seed ^ uint64_t(step), 0);
 }
 
+// The numbers of an entry's step t that do not depend on its elements: the bias correction and the
+// weights of grad_avg^2 in centered low-precision state, in float64 (the chunk function rounds them
+// to its compute type).
+void set_step_numbers(Entry& e, double t, bool bias_correction, double alpha) {
+  e.inverse_correction = bias_correction ? 1.0 / (1.0 - std::pow(alpha, t)) : 1.0;
+  e.weight_after = e.inverse_correction;
+  e.weight_before = bias_correction && t > 1 ? 1.0 / (1.0 - std::pow(alpha, t - 1)) : 1.0;
+}
+
 const InstructionSet* instruction_set_named(PyObject* name) {
   const char* text = PyUnicode_AsUTF8(name);
   if (text == nullptr) return nullptr;
@@ -336,10 +345,7 @@ PyObject* step(PyObject*, PyObject* args) {
     double t;
     if (step_is_double) t = ++*static_cast<double*>(steps.address(i));
     else t = ++*static_cast<float*>(steps.address(i));
-    // In float64, then rounded to the compute type by the chunk function.
-    e.inverse_correction = bias_correction ? 1.0 / (1.0 - std::pow(alpha, t)) : 1.0;
-    e.weight_after = e.inverse_correction;
-    e.weight_before = bias_correction && t > 1 ? 1.0 / (1.0 - std::pow(alpha, t - 1)) : 1.0;
+    set_step_numbers(e, t, bias_correction, alpha);
     for (int slot = 0; slot < 3; ++slot) e.seeds[slot] = rounding_seed(indices[i], keys[slot], int64_t(t));
   }
   for_each_chunk(job.entries, threads,
@@ -429,32 +435,81 @@ PyObject* stream_step_traffic(PyObject*, PyObject* args) {
 // torch's objects, given once by set_torch: the gather compares against them.
 struct Torch {
   PyTypeObject *tensor, *parameter;
-  PyObject *strided, *float32, *float64, *bfloat16, *float16, *complex64, *complex128;
+  PyObject *strided, *float32, *float64, *bfloat16, *float16, *complex64, *complex128, *uint8;
 } torch_objects{};
 bool torch_set = false;
 
-PyObject *name_grad, *name_layout, *name_dtype, *name_shape, *name_is_cpu, *name_is_contiguous, *name_is_neg,
-    *name_is_conj, *name_data_ptr, *name_numel, *name_version;
+// An attribute or no-argument method of torch's tensors that the gather reads. set_torch finds the
+// C function behind it, where it is one that Tensor and Parameter share: calling that directly
+// skips looking the name up through the type for every tensor, much of the cost of a read.
+struct Accessor {
+  const char* text;
+  bool method;
+  PyObject* name = nullptr;
+  getter get = nullptr;
+  void* closure = nullptr;
+  PyCFunction call = nullptr;
+
+  // A new reference, or null with an exception set.
+  PyObject* operator()(PyObject* object) const {
+    if (get != nullptr) return get(object, closure);
+    if (call != nullptr) return call(object, nullptr);
+    return method ? PyObject_CallMethodNoArgs(object, name) : PyObject_GetAttr(object, name);
+  }
+};
+
+Accessor grad_of{"grad", false}, layout_of{"layout", false}, dtype_of{"dtype", false}, shape_of{"shape", false},
+    is_cpu_of{"is_cpu", false}, version_of{"_version", false}, is_contiguous_of{"is_contiguous", true},
+    is_neg_of{"is_neg", true}, is_conj_of{"is_conj", true}, data_ptr_of{"data_ptr", true}, numel_of{"numel", true};
+Accessor* const kAccessors[] = {&grad_of,          &layout_of, &dtype_of,   &shape_of,    &is_cpu_of, &version_of,
+                                &is_contiguous_of, &is_neg_of, &is_conj_of, &data_ptr_of, &numel_of};
+
+// Finds the C function behind an accessor's name on torch's tensor types; false with an exception set.
+bool resolve(Accessor& accessor, PyTypeObject* tensor, PyTypeObject* parameter) {
+  accessor.get = nullptr;
+  accessor.call = nullptr;
+  PyObject* found = PyObject_GetAttr(reinterpret_cast<PyObject*>(tensor), accessor.name);
+  if (found == nullptr) return false;
+  PyObject* other = PyObject_GetAttr(reinterpret_cast<PyObject*>(parameter), accessor.name);
+  if (other == nullptr) {
+    Py_DECREF(found);
+    return false;
+  }
+  const bool shared = found == other && PyType_IsSubtype(tensor, PyDescr_TYPE(found));
+  if (shared && !accessor.method && Py_IS_TYPE(found, &PyGetSetDescr_Type)) {
+    PyGetSetDef* definition = reinterpret_cast<PyGetSetDescrObject*>(found)->d_getset;
+    accessor.get = definition->get;
+    accessor.closure = definition->closure;
+  } else if (shared && accessor.method && Py_IS_TYPE(found, &PyMethodDescr_Type)) {
+    PyMethodDef* definition = reinterpret_cast<PyMethodDescrObject*>(found)->d_method;
+    if ((definition->ml_flags & ~METH_COEXIST) == METH_NOARGS) accessor.call = definition->ml_meth;
+  }
+  Py_DECREF(other);
+  // The descriptor is kept for the life of the process: the functions found belong to it.
+  return true;
+}
 
 PyObject* set_torch(PyObject*, PyObject* args) {
   Torch t{};
   PyObject *tensor, *parameter;
-  if (!PyArg_ParseTuple(args, "O!O!OOOOOOO", &PyType_Type, &tensor, &PyType_Type, &parameter, &t.strided, &t.float32,
-                        &t.float64, &t.bfloat16, &t.float16, &t.complex64, &t.complex128))
+  if (!PyArg_ParseTuple(args, "O!O!OOOOOOOO", &PyType_Type, &tensor, &PyType_Type, &parameter, &t.strided, &t.float32,
+                        &t.float64, &t.bfloat16, &t.float16, &t.complex64, &t.complex128, &t.uint8))
     return nullptr;
   t.tensor = reinterpret_cast<PyTypeObject*>(tensor);
   t.parameter = reinterpret_cast<PyTypeObject*>(parameter);
+  for (Accessor* accessor : kAccessors)
+    if (!resolve(*accessor, t.tensor, t.parameter)) return nullptr;
   for (PyObject* object : {tensor, parameter, t.strided, t.float32, t.float64, t.bfloat16, t.float16, t.complex64,
-                           t.complex128})
+                           t.complex128, t.uint8})
     Py_INCREF(object);  // kept for the life of the process
   torch_objects = t;
   torch_set = true;
   Py_RETURN_NONE;
 }
 
-// The value of a bool attribute or no-argument method; -1 with an exception set on failure.
-int truth(PyObject* object, PyObject* name, bool method) {
-  PyObject* value = method ? PyObject_CallMethodNoArgs(object, name) : PyObject_GetAttr(object, name);
+// Whether a bool attribute or method is True; -1 with an exception set on failure.
+int truth(PyObject* object, const Accessor& accessor) {
+  PyObject* value = accessor(object);
   if (value == nullptr) return -1;
   const int result = value == Py_True;
   Py_DECREF(value);
@@ -462,21 +517,29 @@ int truth(PyObject* object, PyObject* name, bool method) {
 }
 
 // Same, for an attribute compared by identity with expected (dtype, layout).
-int is_attribute(PyObject* object, PyObject* name, PyObject* expected) {
-  PyObject* value = PyObject_GetAttr(object, name);
+int is_attribute(PyObject* object, const Accessor& accessor, PyObject* expected) {
+  PyObject* value = accessor(object);
   if (value == nullptr) return -1;
   const int result = value == expected;
   Py_DECREF(value);
   return result;
 }
 
-// The value of an int no-argument method (numel, data_ptr) or attribute (_version).
-bool integer_of(PyObject* object, PyObject* name, long long& out, bool method = true) {
-  PyObject* value = method ? PyObject_CallMethodNoArgs(object, name) : PyObject_GetAttr(object, name);
+// The value of an int attribute or method (numel, data_ptr, _version).
+bool integer_of(PyObject* object, const Accessor& accessor, long long& out) {
+  PyObject* value = accessor(object);
   if (value == nullptr) return false;
   out = PyLong_AsLongLong(value);
   Py_DECREF(value);
   return !(out == -1 && PyErr_Occurred());
+}
+
+// The address of tensor, or false with an exception set.
+bool address_of(PyObject* tensor, void*& address) {
+  long long value;
+  if (!integer_of(tensor, data_ptr_of, value)) return false;
+  address = reinterpret_cast<void*>(static_cast<intptr_t>(value));
+  return true;
 }
 
 bool plain_tensor(PyObject* object) {
@@ -494,54 +557,76 @@ int storage_of(PyObject* dtype, bool& complex) {
   return -1;
 }
 
-// A refusal: a reason (owned), or an exception already set when reason is null.
-struct Refusal {
-  PyObject* reason;
-};
-
-// What a param's tensors must match: its dtype and shape objects (borrowed from the check).
+// What a tensor must match: a dtype and shape object (borrowed), and whether the dtype is complex.
 struct Shape {
   PyObject* dtype;
   PyObject* shape;
   bool complex;
 };
 
-// Checks that tensor can be updated in place as a buffer of a param of `like`; sets ptr. 1 fits, 0 not, -1 error.
+// Checks that tensor is a plain, contiguous CPU tensor of `like` (so that it can be updated
+// in place through its address); sets ptr. 1 fits, 0 not, -1 error.
 int fits(PyObject* tensor, const Shape& like, void*& ptr) {
   if (!plain_tensor(tensor)) return 0;
-  int ok = is_attribute(tensor, name_layout, torch_objects.strided);
+  int ok = is_attribute(tensor, layout_of, torch_objects.strided);
   if (ok != 1) return ok;
-  if ((ok = truth(tensor, name_is_cpu, false)) != 1) return ok;
-  if ((ok = is_attribute(tensor, name_dtype, like.dtype)) != 1) return ok;
-  PyObject* shape = PyObject_GetAttr(tensor, name_shape);
+  if ((ok = truth(tensor, is_cpu_of)) != 1) return ok;
+  if ((ok = is_attribute(tensor, dtype_of, like.dtype)) != 1) return ok;
+  PyObject* shape = shape_of(tensor);
   if (shape == nullptr) return -1;
   ok = PyObject_RichCompareBool(shape, like.shape, Py_EQ);
   Py_DECREF(shape);
   if (ok != 1) return ok;
-  if ((ok = truth(tensor, name_is_contiguous, true)) != 1) return ok;
+  if ((ok = truth(tensor, is_contiguous_of)) != 1) return ok;
   // A lazy view: its memory holds the values before negation or conjugation.
-  if ((ok = truth(tensor, name_is_neg, true)) != 0) return ok == 1 ? 0 : -1;
-  if (like.complex && (ok = truth(tensor, name_is_conj, true)) != 0) return ok == 1 ? 0 : -1;
-  long long address;
-  if (!integer_of(tensor, name_data_ptr, address)) return -1;
-  ptr = reinterpret_cast<void*>(static_cast<intptr_t>(address));
-  return 1;
+  if ((ok = truth(tensor, is_neg_of)) != 0) return ok == 1 ? 0 : -1;
+  if (like.complex && (ok = truth(tensor, is_conj_of)) != 0) return ok == 1 ? 0 : -1;
+  return address_of(tensor, ptr) ? 1 : -1;
 }
+
+// How a group stores its state (rmsprop.formats.layout.target_format) and what seeds its noise.
+enum class Precision : int { Full = 0, BFloat16 = 1, Blockwise8bit = 2 };
+
+struct GroupSpec {
+  Precision precision;
+  long long min_8bit_size;
+  int centered, momentum;
+  long long first_index;  // the position of the group's first param among all params
+  // rmsprop.formats.layout.STORED's indices of square_avg, grad_variance, grad_avg, momentum_buffer.
+  long long seed_keys[4];
+};
+
+// The format of a param's state in the group: "wide" state (complex params; 8-bit groups'
+// small params) is float32 beside a 16-bit param, else the param's own dtype.
+Format format_of(const GroupSpec& group, Storage storage, bool complex, long long numel) {
+  if (group.precision == Precision::Full) return Format::Same;
+  if (complex || (group.precision == Precision::Blockwise8bit && numel < group.min_8bit_size))
+    return storage == Storage::BFloat16 || storage == Storage::Float16 ? Format::Float32 : Format::Same;
+  return group.precision == Precision::BFloat16 ? Format::BFloat16 : Format::Blockwise8bit;
+}
+
+// The tensors of a param's step, in the order of gather_group's keys after the param.
+enum Slot { kParam, kSquare, kGradAvg, kMomentum, kStep, kSquareAbsmax, kGradAvgAbsmax, kMomentumAbsmax, kSlots };
 
 // A parameter's share of a gathered step.
 struct Gathered {
   Entry entry;
   Storage storage;
+  Format format;
   void* step;
   bool step_is_double;
+  long long param_index;
+  long long seed_keys[3];  // of square, grad_avg and momentum
 };
 
-// What the last gather of a group found at one position of its params: the objects
-// checked (owned references) and their addresses. The next gather trusts an object
-// that is the same, at the same address, without checking it again.
+// What the last gather of a group found at one position of its params: the objects checked
+// (owned references) and their addresses, and the format they were checked for. The next
+// gather trusts an object that is the same, at the same address, for the same format,
+// without checking it again.
 struct Checked {
-  PyObject* objects[5] = {};  // param, square, grad_avg, momentum, step
-  void* addresses[5] = {};
+  PyObject* objects[kSlots] = {};
+  void* addresses[kSlots] = {};
+  Format format = Format::Same;
   PyObject* dtype = nullptr;  // the param's
   PyObject* shape = nullptr;  // the param's (owned)
   Py_hash_t hash = -1;        // the param's
@@ -555,7 +640,7 @@ struct Checked {
   long long grad_version = 0;
 };
 
-// The steps of a group, as gather_group found them: one Job per storage and step dtype.
+// The steps of a group, as gather_group found them.
 struct PlanObject {
   PyObject_HEAD
   std::vector<Gathered>* items;
@@ -612,14 +697,6 @@ PyObject* refuse(Py_ssize_t index, const char* reason) {
   return PyUnicode_FromFormat("parameter %zd: %s", index, reason);
 }
 
-// The address of tensor, or null with an exception set.
-bool address_of(PyObject* tensor, void*& address) {
-  long long value;
-  if (!integer_of(tensor, name_data_ptr, value)) return false;
-  address = reinterpret_cast<void*>(static_cast<intptr_t>(value));
-  return true;
-}
-
 // Whether object is the one checked last time, still at the same address (-1: error).
 int unchanged(const Checked* c, int slot, PyObject* object, void*& address) {
   if (c == nullptr || object == nullptr || c->objects[slot] != object) return 0;
@@ -656,16 +733,43 @@ int unchanged_grad(const Checked* c, PyObject* grad, long long version, void*& a
   return address == c->grad_address;
 }
 
-// gather_group(params, state, centered, momentum, keys, previous): a Plan of the params with
-// gradients and their state in the optimizer's mapping `state`, or why there is none (a str): a
-// missing or unfit tensor anywhere leaves the whole group to the Python paths. previous (a Plan
-// of the same group, or None) spares checking again the tensors it checked.
+// The dtype a buffer of this format is stored in, for a param of dtype.
+PyObject* buffer_dtype(Format format, PyObject* dtype) {
+  switch (format) {
+    case Format::Same: return dtype;
+    case Format::Float32: return torch_objects.float32;
+    case Format::BFloat16: return torch_objects.bfloat16;
+    case Format::Blockwise8bit: return torch_objects.uint8;
+  }
+  return dtype;
+}
+
+// gather_group(params, state, spec, keys, previous): a Plan of the params with gradients and their
+// state in the optimizer's mapping `state`, or why there is none (a str): a missing or unfit tensor
+// anywhere leaves the whole group to the Python paths.
+//   spec: (precision, min_8bit_size, centered, momentum, first_index, seed_keys), see GroupSpec;
+//   keys: the state's keys square_avg, grad_variance, grad_avg, momentum_buffer, step and the
+//         four <buffer>_absmax;
+//   previous: a Plan of the same group, or None; it spares checking again the tensors it checked.
+// A low-precision group's state must hold exactly the entries its format and settings use (else
+// the Python path converts it); a full-precision group's, at least those, as torch's paths read it.
 PyObject* gather_group(PyObject*, PyObject* args) {
-  PyObject *params, *state, *keys[4], *previous_object;
-  int centered, momentum;
-  if (!PyArg_ParseTuple(args, "O!O!pp(OOOO)O", &PyList_Type, &params, &PyDict_Type, &state, &centered, &momentum,
-                        &keys[0], &keys[1], &keys[2], &keys[3], &previous_object))
+  PyObject *params, *state, *keys[9], *previous_object;
+  GroupSpec group{};
+  int precision;
+  if (!PyArg_ParseTuple(args, "O!O!(iLppL(LLLL))(OOOOOOOOO)O", &PyList_Type, &params, &PyDict_Type, &state, &precision,
+                        &group.min_8bit_size, &group.centered, &group.momentum, &group.first_index,
+                        &group.seed_keys[0], &group.seed_keys[1], &group.seed_keys[2], &group.seed_keys[3], &keys[0],
+                        &keys[1], &keys[2], &keys[3], &keys[4], &keys[5], &keys[6], &keys[7], &keys[8],
+                        &previous_object))
     return nullptr;
+  if (precision < 0 || precision > 2) {
+    PyErr_SetString(PyExc_ValueError, "precision must be 0 (full), 1 (bf16) or 2 (8bit)");
+    return nullptr;
+  }
+  group.precision = Precision(precision);
+  PyObject* const square_avg_key = keys[0];
+  PyObject* const grad_variance_key = keys[1];
   const std::vector<Checked>* previous = nullptr;
   if (previous_object != Py_None) {
     if (Py_TYPE(previous_object) != &plan_type) {
@@ -689,7 +793,7 @@ PyObject* gather_group(PyObject*, PyObject* args) {
   for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* param = PyList_GET_ITEM(params, i);
     if (!plain_tensor(param)) return refuse(i, "not a plain tensor");
-    PyObject* grad = PyObject_GetAttr(param, name_grad);
+    PyObject* grad = grad_of(param);
     if (grad == nullptr) return nullptr;
     Py_DECREF(grad);  // the param holds it
     if (grad == Py_None) continue;
@@ -697,30 +801,23 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     Checked& now = (*checked)[i];
     // Not state[param]: the optimizer's defaultdict would add an entry. A tensor's hash (its id,
     // computed by a Python method) is kept with the object checked.
-    now.hash = before != nullptr && before->objects[0] == param ? before->hash : PyObject_Hash(param);
+    now.hash = before != nullptr && before->objects[kParam] == param ? before->hash : PyObject_Hash(param);
     if (now.hash == -1) return nullptr;
     PyObject* param_state = state_of(state, param, now.hash);
     if (param_state == nullptr) return PyErr_Occurred() ? nullptr : refuse(i, "has no state yet");
     if (!PyDict_Check(param_state)) return refuse(i, "its state is not a dict");
-    PyObject* found[5] = {param, nullptr, nullptr, nullptr, nullptr};
-    const bool used[5] = {true, true, bool(centered), bool(momentum), true};
-    for (int k = 1; k < 5; ++k) {
-      if (!used[k]) continue;
-      found[k] = PyDict_GetItemWithError(param_state, keys[k - 1]);
-      if (found[k] == nullptr && PyErr_Occurred()) return nullptr;
-    }
+
     Gathered item{};
-    void* addresses[5] = {};
+    void* addresses[kSlots] = {};
     // The param first: a param at another address (its .data replaced) may have another dtype
     // or shape, so then nothing of the last check holds.
-    int same = unchanged(before, 0, param, addresses[0]);
+    const int same = unchanged(before, kParam, param, addresses[kParam]);
     if (same < 0) return nullptr;
     PyObject* dtype;
     PyObject* shape;
     bool complex = false;
     int storage;
     long long numel = 0;
-    const char* what = "the parameter";
     int ok = 1;
     if (same) {
       dtype = before->dtype;
@@ -729,73 +826,132 @@ PyObject* gather_group(PyObject*, PyObject* args) {
       shape = before->shape;
       Py_INCREF(shape);
     } else {
-      if ((dtype = PyObject_GetAttr(param, name_dtype)) == nullptr) return nullptr;
+      if ((dtype = dtype_of(param)) == nullptr) return nullptr;
       Py_DECREF(dtype);  // torch's dtype objects live as long as torch
       storage = storage_of(dtype, complex);
-      if ((shape = PyObject_GetAttr(param, name_shape)) == nullptr) return nullptr;
+      if ((shape = shape_of(param)) == nullptr) return nullptr;
     }
     now.shape = shape;  // owned by now from here on
     Shape like{dtype, shape, complex};
-    if (!same) ok = storage < 0 ? 0 : fits(param, like, addresses[0]);
-    if (ok == 1 && !same) ok = integer_of(param, name_numel, numel) ? 1 : -1;
+    if (!same) ok = storage < 0 ? 0 : fits(param, like, addresses[kParam]);
+    if (ok == 1 && !same) ok = integer_of(param, numel_of, numel) ? 1 : -1;
+    if (ok < 0) return nullptr;
+    if (ok == 0) {
+      if (storage < 0) return refuse(i, "its dtype is not float32, float64, bfloat16, float16 or complex");
+      return refuse(i, "the parameter is not a contiguous CPU tensor");
+    }
+    const Format format = format_of(group, Storage(storage), complex, numel);
+    const bool blockwise = format == Format::Blockwise8bit;
+    // Objects checked for another format (the group's precision changed) are checked again.
+    const Checked* trusted = same && before->format == format ? before : nullptr;
+
+    if (!plain_tensor(grad)) return refuse(i, "its gradient is not a plain tensor");
     void* grad_ptr = nullptr;
     long long grad_version = 0;
-    if (ok == 1 && !integer_of(grad, name_version, grad_version, false)) ok = -1;
-    if (ok == 1) {
-      const int kept = same ? unchanged_grad(before, grad, grad_version, grad_ptr) : 0;
-      if (kept < 0) ok = -1;
-      else if (!kept && (ok = fits(grad, like, grad_ptr)) != 1) what = "its gradient";
+    if (!integer_of(grad, version_of, grad_version)) return nullptr;
+    const int kept_grad = trusted ? unchanged_grad(trusted, grad, grad_version, grad_ptr) : 0;
+    if (kept_grad < 0) return nullptr;
+    if (!kept_grad && (ok = fits(grad, like, grad_ptr)) != 1) {
+      if (ok < 0) return nullptr;
+      return refuse(i, "its gradient is not a contiguous CPU tensor of the parameter's dtype and shape");
     }
-    const char* names[5] = {"", "its 'square_avg'", "its 'grad_avg'", "its 'momentum_buffer'", ""};
-    for (int k = 1; k < 4 && ok == 1; ++k) {
+
+    const bool variance = group.centered && (format == Format::BFloat16 || blockwise);
+    PyObject* slot_keys[kSlots] = {nullptr, variance ? grad_variance_key : square_avg_key, keys[2], keys[3], keys[4],
+                                   variance ? keys[6] : keys[5], keys[7], keys[8]};
+    const bool used[kSlots] = {true, true, bool(group.centered), bool(group.momentum), true,
+                               blockwise, blockwise && group.centered, blockwise && group.momentum};
+    PyObject* found[kSlots] = {param};
+    Py_ssize_t entries = 0;
+    for (int k = 1; k < kSlots; ++k) {
       if (!used[k]) continue;
-      const int kept = same ? unchanged(before, k, found[k], addresses[k]) : 0;
-      if (kept < 0) ok = -1;
-      else if (!kept && (ok = found[k] == nullptr ? 0 : fits(found[k], like, addresses[k])) != 1) what = names[k];
+      found[k] = PyDict_GetItemWithError(param_state, slot_keys[k]);
+      if (found[k] == nullptr) {
+        if (PyErr_Occurred()) return nullptr;
+        if (k == kStep) return refuse(i, "its state has no 'step'");
+        return PyUnicode_FromFormat("parameter %zd: its %R is missing", i, slot_keys[k]);
+      }
+      ++entries;
     }
-    if (ok == 1) {
-      PyObject* step = found[4];
-      const int kept = same ? unchanged(before, 4, step, addresses[4]) : 0;
+    if (group.precision != Precision::Full && PyDict_GET_SIZE(param_state) != entries)
+      return refuse(i, "its state holds entries the group's format and settings do not use");
+
+    const Shape buffer_like{buffer_dtype(format, dtype), shape, complex && format == Format::Same};
+    for (int k = kSquare; k <= kMomentum; ++k) {
+      if (!used[k]) continue;
+      const int kept = trusted ? unchanged(trusted, k, found[k], addresses[k]) : 0;
       if (kept < 0) return nullptr;
+      if (kept) continue;
+      if ((ok = fits(found[k], buffer_like, addresses[k])) < 0) return nullptr;
+      if (ok == 0) {
+        PyObject* expected = buffer_like.dtype;
+        return PyUnicode_FromFormat("parameter %zd: its %R is not a contiguous CPU tensor of the parameter's shape and %S",
+                                    i, slot_keys[k], expected);
+      }
+    }
+    if (blockwise) {
+      PyObject* blocks = Py_BuildValue("(L)", (numel + kBlock - 1) / kBlock);
+      if (blocks == nullptr) return nullptr;
+      std::unique_ptr<PyObject, void (*)(PyObject*)> blocks_owner(blocks, [](PyObject* o) { Py_DECREF(o); });
+      const Shape absmax_like{torch_objects.float32, blocks, false};
+      for (int k = kSquareAbsmax; k <= kMomentumAbsmax; ++k) {
+        if (!used[k]) continue;
+        const int kept = trusted ? unchanged(trusted, k, found[k], addresses[k]) : 0;
+        if (kept < 0) return nullptr;
+        if (kept) continue;
+        if ((ok = fits(found[k], absmax_like, addresses[k])) < 0) return nullptr;
+        if (ok == 0)
+          return PyUnicode_FromFormat("parameter %zd: its %R is not a contiguous CPU float32 tensor of one value per block",
+                                      i, slot_keys[k]);
+      }
+    }
+    PyObject* step = found[kStep];
+    const int kept_step = trusted ? unchanged(trusted, kStep, step, addresses[kStep]) : 0;
+    if (kept_step < 0) return nullptr;
+    if (kept_step) {
+      item.step_is_double = trusted->step_is_double;
+    } else {
       long long elements = 0;
       int is_double = 0, is_float = 0;
-      if (kept) {
-        item.step_is_double = before->step_is_double;
-      } else if (plain_tensor(step) && truth(step, name_is_cpu, false) == 1 &&
-          (is_double = is_attribute(step, name_dtype, torch_objects.float64)) >= 0 &&
-          (is_float = is_attribute(step, name_dtype, torch_objects.float32)) >= 0 &&
-          integer_of(step, name_numel, elements) && elements == 1 && (is_double || is_float)) {
-        if (!address_of(step, addresses[4])) return nullptr;
+      if (plain_tensor(step) && truth(step, is_cpu_of) == 1 &&
+          (is_double = is_attribute(step, dtype_of, torch_objects.float64)) >= 0 &&
+          (is_float = is_attribute(step, dtype_of, torch_objects.float32)) >= 0 && integer_of(step, numel_of, elements) &&
+          elements == 1 && (is_double || is_float)) {
+        if (!address_of(step, addresses[kStep])) return nullptr;
         item.step_is_double = is_double;
       } else {
         if (PyErr_Occurred()) return nullptr;
         return refuse(i, "its 'step' is not a 1-element float32 or float64 CPU tensor");
       }
     }
-    if (ok < 0) return nullptr;
-    if (ok == 0) {
-      if (storage < 0) return refuse(i, "its dtype is not float32, float64, bfloat16, float16 or complex");
-      return PyUnicode_FromFormat("parameter %zd: %s is not a contiguous CPU tensor of the parameter's dtype and shape",
-                                  i, what);
-    }
+
     // A weak reference without a callback is shared by everyone who asks for one: most steps
     // find the one made for the last step.
     if ((now.grad = PyWeakref_NewRef(grad, nullptr)) == nullptr) return nullptr;
     if (PyList_Append(stepped, param) < 0) return nullptr;
     item.storage = Storage(storage);
+    item.format = format;
     item.entry.size = numel * (complex ? 2 : 1);
-    item.entry.param = addresses[0];
+    item.entry.param = addresses[kParam];
     item.entry.grad = grad_ptr;
-    item.entry.square = addresses[1];
-    item.entry.grad_avg = addresses[2];
-    item.entry.momentum = addresses[3];
-    item.step = addresses[4];
+    item.entry.square = addresses[kSquare];
+    item.entry.grad_avg = addresses[kGradAvg];
+    item.entry.momentum = addresses[kMomentum];
+    item.entry.square_absmax = static_cast<float*>(addresses[kSquareAbsmax]);
+    item.entry.grad_avg_absmax = static_cast<float*>(addresses[kGradAvgAbsmax]);
+    item.entry.momentum_absmax = static_cast<float*>(addresses[kMomentumAbsmax]);
+    item.step = addresses[kStep];
+    item.param_index = group.first_index + i;
+    item.seed_keys[0] = group.seed_keys[variance ? 1 : 0];
+    item.seed_keys[1] = group.seed_keys[2];
+    item.seed_keys[2] = group.seed_keys[3];
     items->push_back(item);
-    for (int k = 0; k < 5; ++k) {
+    for (int k = 0; k < kSlots; ++k) {
       Py_XINCREF(found[k]);
       now.objects[k] = found[k];
       now.addresses[k] = addresses[k];
     }
+    now.format = format;
     now.dtype = dtype;
     now.numel = numel;
     now.step_is_double = item.step_is_double;
@@ -810,8 +966,8 @@ PyObject* gather_group(PyObject*, PyObject* args) {
   return reinterpret_cast<PyObject*>(plan);
 }
 
-// run_plan(plan, variant, scalars, alpha, bias_correction, threads): the step of a gathered group
-// (state of the parameters' dtype), one job per storage.
+// run_plan(plan, variant, scalars, alpha, bias_correction, threads): the step of a gathered group,
+// one job per storage and format.
 PyObject* run_plan(PyObject*, PyObject* args) {
   PyObject* plan_object;
   unsigned variant;
@@ -825,21 +981,41 @@ PyObject* run_plan(PyObject*, PyObject* args) {
   s.nesterov = nesterov;
   s.lr_in_momentum = lr_in_momentum;
   std::vector<Gathered>& items = *reinterpret_cast<PlanObject*>(plan_object)->items;
-  Py_BEGIN_ALLOW_THREADS;
-  for (int storage = 0; storage < 4; ++storage) {
-    Job job{Storage(storage), Format::Same, normalized(variant % kVariants), s, {}, {}};
-    for (Gathered& item : items) {
-      if (item.storage != job.storage) continue;
-      double t;
-      if (item.step_is_double) t = ++*static_cast<double*>(item.step);
-      else t = ++*static_cast<float*>(item.step);
-      item.entry.inverse_correction = bias_correction ? 1.0 / (1.0 - std::pow(alpha, t)) : 1.0;
-      job.entries.push_back(item.entry);
+  constexpr int kStorages = 4, kFormats = 4;
+  ChunkFunction chunks[kStorages][kFormats] = {};
+  for (const Gathered& item : items) {
+    ChunkFunction& chunk = chunks[int(item.storage)][int(item.format)];
+    if (chunk != nullptr) continue;
+    chunk = selected->chunk_function(item.storage, item.format, normalized(variant % kVariants));
+    if (chunk == nullptr) {
+      PyErr_SetString(PyExc_ValueError, "no kernel for this storage and state format");
+      return nullptr;
     }
-    if (job.entries.empty()) continue;
-    const ChunkFunction chunk = selected->chunk_function(job.storage, job.format, job.variant);
-    for_each_chunk(job.entries, threads, [&](const Entry& e, int64_t start, int64_t end) { chunk(job, e, start, end); });
+    if (item.format == Format::Blockwise8bit && signed_map.empty()) {
+      PyErr_SetString(PyExc_RuntimeError, "set_maps() has not been called");
+      return nullptr;
+    }
   }
+  Py_BEGIN_ALLOW_THREADS;
+  for (Gathered& item : items) {
+    double t;
+    if (item.step_is_double) t = ++*static_cast<double*>(item.step);
+    else t = ++*static_cast<float*>(item.step);
+    set_step_numbers(item.entry, t, bias_correction, alpha);
+    if (item.format == Format::BFloat16 || item.format == Format::Blockwise8bit)
+      for (int slot = 0; slot < 3; ++slot)
+        item.entry.seeds[slot] = rounding_seed(item.param_index, item.seed_keys[slot], int64_t(t));
+  }
+  for (int storage = 0; storage < kStorages; ++storage)
+    for (int format = 0; format < kFormats; ++format) {
+      const ChunkFunction chunk = chunks[storage][format];
+      if (chunk == nullptr) continue;
+      Job job{Storage(storage), Format(format), normalized(variant % kVariants), s, {}, {}};
+      if (job.format == Format::Blockwise8bit) job.maps = Maps{signed_map.data(), unsigned_map.data()};
+      for (const Gathered& item : items)
+        if (item.storage == job.storage && item.format == job.format) job.entries.push_back(item.entry);
+      for_each_chunk(job.entries, threads, [&](const Entry& e, int64_t start, int64_t end) { chunk(job, e, start, end); });
+    }
   Py_END_ALLOW_THREADS;
   Py_RETURN_NONE;
 }
@@ -896,16 +1072,8 @@ PyMODINIT_FUNC PyInit__cpu_kernel() {
       break;
     }
   pthread_atfork(nullptr, nullptr, after_fork_in_child);
-  struct Name {
-    PyObject** slot;
-    const char* text;
-  };
-  for (const Name& name : {Name{&name_grad, "grad"}, Name{&name_layout, "layout"}, Name{&name_dtype, "dtype"},
-                           Name{&name_shape, "shape"}, Name{&name_is_cpu, "is_cpu"},
-                           Name{&name_is_contiguous, "is_contiguous"}, Name{&name_is_neg, "is_neg"},
-                           Name{&name_is_conj, "is_conj"}, Name{&name_data_ptr, "data_ptr"}, Name{&name_numel, "numel"},
-                           Name{&name_version, "_version"}})
-    if ((*name.slot = PyUnicode_InternFromString(name.text)) == nullptr) return nullptr;
+  for (Accessor* accessor : kAccessors)
+    if ((accessor->name = PyUnicode_InternFromString(accessor->text)) == nullptr) return nullptr;
   if (PyType_Ready(&plan_type) < 0) return nullptr;
   PyObject* module = PyModule_Create(&module_definition);
   if (module == nullptr) return nullptr;

@@ -7,6 +7,8 @@ compiler the package still installs and steps with torch's paths (rmsprop.backen
 """
 
 import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -23,18 +25,21 @@ class BuildKernel(build_ext):
     """Compiles each translation unit with its instruction set's flags."""
 
     def build_extension(self, extension: Extension) -> None:
-        include = [str(SOURCES)]
-        objects = []
         units = {kernel_build.MODULE_SOURCE: [], **kernel_build.INSTRUCTION_SET_FLAGS}
-        for name, flags in units.items():
-            if flags is None:
-                continue
-            objects += self.compiler.compile(
+
+        def compile_unit(unit: tuple[str, list[str]]) -> list[str]:
+            name, flags = unit
+            return self.compiler.compile(
                 [str(SOURCES / name)],
                 output_dir=self.build_temp,
-                include_dirs=include,
+                include_dirs=[str(SOURCES)],
                 extra_postargs=kernel_build.COMMON_FLAGS + flags,
             )
+
+        # The units are independent: compiled side by side, one per core.
+        chosen = [(name, flags) for name, flags in units.items() if flags is not None]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            objects = [path for paths in pool.map(compile_unit, chosen) for path in paths]
         extension.sources = []
         extension.extra_objects = objects
         extension.extra_link_args = ["-lstdc++", "-lpthread"]

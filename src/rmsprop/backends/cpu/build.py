@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sysconfig
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["COMMON_FLAGS", "INSTRUCTION_SET_FLAGS", "MODULE_SOURCE", "SOURCE_DIRECTORY", "build", "source_digest"]
@@ -54,12 +55,15 @@ def build(directory: Path) -> Path:
     include = ["-I", sysconfig.get_paths()["include"], "-I", str(SOURCE_DIRECTORY)]
     target = directory / f"_cpu_kernel{sysconfig.get_config_var('EXT_SUFFIX')}"
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        objects = []
         units = {MODULE_SOURCE: [], **{name: flags for name, flags in INSTRUCTION_SET_FLAGS.items() if flags is not None}}
-        for name, flags in units.items():
-            output = Path(scratch) / (name + ".o")
-            _run([*compiler, *COMMON_FLAGS, *flags, *include, "-c", str(SOURCE_DIRECTORY / name), "-o", str(output)])
-            objects.append(str(output))
+        objects = [str(Path(scratch) / (name + ".o")) for name in units]
+        commands = [
+            [*compiler, *COMMON_FLAGS, *flags, *include, "-c", str(SOURCE_DIRECTORY / name), "-o", output]
+            for (name, flags), output in zip(units.items(), objects, strict=True)
+        ]
+        # The units are independent: compiled side by side, one per core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(_run, commands))
         partial = Path(scratch) / target.name
         _run([*compiler, "-shared", *objects, "-o", str(partial), "-lpthread"])
         # Renamed into place, so that a process never loads a half-written library.

@@ -448,12 +448,15 @@ struct Accessor {
   PyObject* name = nullptr;
   getter get = nullptr;
   void* closure = nullptr;
-  PyCFunction call = nullptr;
+  PyCFunction call = nullptr;                        // METH_NOARGS
+  PyCFunctionWithKeywords call_with_keywords = nullptr;  // METH_VARARGS | METH_KEYWORDS
+  PyObject* no_arguments = nullptr;                  // the empty tuple, for call_with_keywords
 
   // A new reference, or null with an exception set.
   PyObject* operator()(PyObject* object) const {
     if (get != nullptr) return get(object, closure);
     if (call != nullptr) return call(object, nullptr);
+    if (call_with_keywords != nullptr) return call_with_keywords(object, no_arguments, nullptr);
     return method ? PyObject_CallMethodNoArgs(object, name) : PyObject_GetAttr(object, name);
   }
 };
@@ -468,6 +471,7 @@ Accessor* const kAccessors[] = {&grad_of,          &layout_of, &dtype_of,   &sha
 bool resolve(Accessor& accessor, PyTypeObject* tensor, PyTypeObject* parameter) {
   accessor.get = nullptr;
   accessor.call = nullptr;
+  accessor.call_with_keywords = nullptr;
   PyObject* found = PyObject_GetAttr(reinterpret_cast<PyObject*>(tensor), accessor.name);
   if (found == nullptr) return false;
   PyObject* other = PyObject_GetAttr(reinterpret_cast<PyObject*>(parameter), accessor.name);
@@ -482,7 +486,16 @@ bool resolve(Accessor& accessor, PyTypeObject* tensor, PyTypeObject* parameter) 
     accessor.closure = definition->closure;
   } else if (shared && accessor.method && Py_IS_TYPE(found, &PyMethodDescr_Type)) {
     PyMethodDef* definition = reinterpret_cast<PyMethodDescrObject*>(found)->d_method;
-    if ((definition->ml_flags & ~METH_COEXIST) == METH_NOARGS) accessor.call = definition->ml_meth;
+    const int flags = definition->ml_flags & ~METH_COEXIST;
+    if (flags == METH_NOARGS) {
+      accessor.call = definition->ml_meth;
+    } else if (flags == (METH_VARARGS | METH_KEYWORDS)) {
+      if ((accessor.no_arguments = PyTuple_New(0)) == nullptr) {
+        Py_DECREF(other);
+        return false;
+      }
+      accessor.call_with_keywords = reinterpret_cast<PyCFunctionWithKeywords>(reinterpret_cast<void (*)()>(definition->ml_meth));
+    }
   }
   Py_DECREF(other);
   // The descriptor is kept for the life of the process: the functions found belong to it.

@@ -3,6 +3,8 @@
 import copy
 import functools
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -246,3 +248,20 @@ def test_bf16_and_fp16_params_match_torch():
 def test_repr_lists_our_flags():
     text = repr(RMSprop([torch.ones(1)], nesterov=True, momentum=0.5))
     assert text.startswith("RMSprop (") and "nesterov: True" in text
+
+
+def test_a_fresh_process_constructs_and_steps_without_importing_torch_dynamo():
+    """torch.optim's step and add_param_group wrappers import torch._dynamo (seconds) at their first
+    call; ours do the same work without it until something else imports it."""
+    script = (
+        "import sys, torch\n"
+        "from rmsprop import RMSprop\n"
+        "p = torch.nn.Parameter(torch.ones(3))\n"
+        "optimizer = RMSprop([p], momentum=0.9)\n"
+        "p.grad = torch.ones(3)\n"
+        "optimizer.step()\n"
+        "assert not torch.equal(p.detach(), torch.ones(3))\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr

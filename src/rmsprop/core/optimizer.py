@@ -6,6 +6,7 @@ import functools
 import inspect
 import itertools
 import logging
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,6 @@ from torch.optim.optimizer import (
     Optimizer,
     ParamsT,
     _get_scalar_dtype,
-    _use_grad_for_differentiable,
 )
 
 from rmsprop.backends.cpu import kernel as cpu_kernel
@@ -38,6 +38,49 @@ _log = logging.getLogger("rmsprop")
 
 # State entries that have the parameter's shape.
 _BUFFERS = ("square_avg", "momentum_buffer", "grad_avg")
+
+
+def _graph_break() -> None:
+    """``torch._dynamo.graph_break()`` where torch._dynamo is imported: otherwise nothing is being compiled."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.graph_break()
+
+
+def _use_grad_for_differentiable(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.optim's decorator of ``step``: gradients enabled only with ``differentiable``, and graph
+    breaks around the step under torch.compile (so that it compiles as torch's optimizers do),
+    without importing torch._dynamo where nothing has: that import is seconds of a fresh process's
+    first step."""
+
+    @functools.wraps(step)
+    def wrapper(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+        previous = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(self.defaults["differentiable"])
+            _graph_break()
+            return step(self, *args, **kwargs)
+        finally:
+            _graph_break()
+            torch.set_grad_enabled(previous)
+
+    return wrapper
+
+
+def _add_param_group(optimizer: Optimizer, param_group: dict[str, Any]) -> None:
+    """``Optimizer.add_param_group``, without importing torch._dynamo where nothing has.
+
+    torch wraps it to keep torch.compile from tracing it, and the wrapper imports
+    torch._dynamo at its first call: seconds of a fresh process's first
+    optimizer. Without torch._dynamo imported nothing is being compiled, so the
+    wrapped function itself does the same.
+    """
+    unwrapped = getattr(Optimizer.add_param_group, "__wrapped__", None)
+    if unwrapped is None or "torch._dynamo" in sys.modules:
+        Optimizer.add_param_group(optimizer, param_group)
+    else:
+        unwrapped(optimizer, param_group)
+
 
 
 class RMSprop(Optimizer):
@@ -182,7 +225,7 @@ class RMSprop(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_settings({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+        _add_param_group(self, param_group)
         group = self.param_groups[-1]
         if group["fused"]:
             try:

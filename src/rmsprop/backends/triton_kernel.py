@@ -102,6 +102,9 @@ _BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)
 _NOISE_BITS = tl.constexpr(NOISE_BITS)
 # uniform_noise: 16 noise bits as a float32 in [0, 1).
 _NOISE_SCALE = tl.constexpr(2.0**-NOISE_BITS)
+# The absmax range whose reciprocal is a normal float (quantize_blockwise).
+_SMALLEST_NORMAL = tl.constexpr(2.0**-126)
+_LARGEST_UNSCALED = tl.constexpr(2.0**126)
 
 # Parameter dtype -> (type stored in memory, type computed in). Complex tensors are pairs of reals.
 _TYPES = {
@@ -351,12 +354,20 @@ def _encode(value, address, absmax_address, offsets, mask, blocks, block_mask, q
         magnitudes = tl.where(mask, x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0)
         absmax = tl.reduce(magnitudes, 1, _larger).to(tl.float32, bitcast=True)
         tl.store(absmax_address.to(tl.pointer_type(tl.float32)) + blocks, absmax, mask=block_mask)
-        scaled = tl.div_rn(x, tl.where(absmax > 0, absmax, 1.0)[:, None])
+        # quantize_blockwise: times the reciprocal of the absmax (rounded up where rounding to
+        # nearest fell below it), a block whose absmax lies outside [2^-126, 2^126) times 2^32 or
+        # 2^-32 first; up where uniform * gap < scaled - low.
+        prescale = tl.where(absmax < _SMALLEST_NORMAL, 4294967296.0, tl.where(absmax >= _LARGEST_UNSCALED, 2.0**-32, 1.0))
+        divisor = tl.where(absmax > 0, absmax * prescale, 1.0)
+        reciprocal = tl.div_rn(tl.full(divisor.shape, 1.0, tl.float32), divisor)
+        next_up = (reciprocal.to(tl.uint32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+        reciprocal = tl.where(divisor * reciprocal < 1.0, next_up, reciprocal)
+        scaled = x * prescale[:, None] * reciprocal[:, None]
         lower = _lower_index(qmap, scaled)
         low = tl.load(qmap + lower)
-        fraction = tl.div_rn(scaled - low, tl.load(qmap + lower + 1) - low)
+        gap = tl.load(qmap + lower + 1) - low
         uniform = _noise(seed, offsets).to(tl.float32) * _NOISE_SCALE
-        codes = (lower + (uniform < fraction).to(tl.int32)).to(tl.uint8)
+        codes = (lower + (uniform * gap < scaled - low).to(tl.int32)).to(tl.uint8)
         tl.store(address.to(tl.pointer_type(tl.uint8)) + offsets, codes, mask=mask)
 
 

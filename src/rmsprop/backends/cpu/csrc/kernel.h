@@ -69,12 +69,15 @@ struct Maps {
 // t = y * scale[k] - bins[k] / 9 bins into it, so floor(t + 1/2) midpoints of the decade lie at or
 // below it. offset_below and offset_above hold bins[k] / 9 - 1/2 -/+ a margin of 1/64: the floors
 // then err by at most one, in a known direction, where float32's errors are below 10^-4 bins.
+// shift holds base[k] + 1/2 - bins[k] / 9, without the margin: floor(y * scale[k] + shift[k]) is
+// the count of the map's midpoints at or below y but within float32's errors of a midpoint.
 // module.cpp's set_maps checks that a map given has this layout.
 constexpr int kDecades = 7;
 
 struct MapLayout {
   float edge[16];  // the lower edge of decade k, 10^(k-7) (edge[0] unused)
   float scale[16];
+  float shift[16];
   float offset_below[16];
   float offset_above[16];
   int32_t bins[16];
@@ -91,6 +94,7 @@ constexpr MapLayout map_layout(bool is_signed) {
     const int32_t bins = int32_t(1) << (is_signed ? k : k + 1);
     layout.edge[k] = float(kDecadeTops[k] / 10);
     layout.scale[k] = float(bins / (0.9 * kDecadeTops[k]));
+    layout.shift[k] = float(base + 0.5 - bins / 9.0);
     layout.offset_below[k] = float(bins / 9.0 - 0.5 + kMargin);
     layout.offset_above[k] = float(bins / 9.0 - 0.5 - kMargin);
     layout.bins[k] = bins;

@@ -194,7 +194,8 @@ __attribute__((always_inline)) inline C clamp_to_zero(C x) {
 // Always inlined: a call in a loop keeps it scalar, and GCC's inliner gave up on some
 // of the larger loops.
 template <typename C, Variant V>
-__attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k) {
+__attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k,
+                                                     C* root = nullptr) {
   if constexpr (!V.plain) {
     p = p * k.decay_factor;
     g = g * k.sign;
@@ -210,7 +211,9 @@ __attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& 
     second_moment = mul_add(-mean, mean, second_moment);
     second_moment = clamp_to_zero(second_moment);
   }
-  const C u = g / (std::sqrt(second_moment + k.eps_inside) + k.eps_outside);
+  const C denominator_root = std::sqrt(second_moment + k.eps_inside);
+  if (root) *root = denominator_root;
+  const C u = g / (denominator_root + k.eps_outside);
   if constexpr (V.momentum) {
     // lr_in_momentum: the buffer accumulates lr * u and the step subtracts it as it is.
     // Both forms are computed and one selected.
@@ -514,8 +517,9 @@ inline void encode_block(const float* __restrict values, int64_t count, float bl
 
 // 8-bit state, a block at a time: decode, apply the rule, encode. square holds
 // sqrt(square_avg) (centered: sqrt(grad_variance)) with the unsigned map, the
-// others the signed map.
-template <typename S, unsigned B>
+// others the signed map. SharedRoot: the new root is the rule's sqrt(second moment + eps_inside)
+// (blockwise_step says when).
+template <typename S, unsigned B, bool SharedRoot>
 void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
   using C = ComputeType<S>;
   constexpr Variant V = variant_of(B);
@@ -542,14 +546,14 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
 #pragma omp simd reduction(max : v_largest, m_largest, b_largest)
     for (int64_t i = 0; i < count; ++i) {
       const C root = C(new_v[i]);
-      C vi = root * root, mi = 0, bi = 0;
+      C vi = root * root, mi = 0, bi = 0, new_root = 0;
       if constexpr (V.centered) {
         mi = C(new_m[i]);
         vi = vi + weight_before * (mi * mi);
       }
       if constexpr (V.momentum) bi = C(new_b[i]);
       C pi = widen(p[i]);
-      apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k);
+      apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k, &new_root);
       p[i] = narrow<S>(pi);
       if constexpr (V.centered) {
         vi = vi - weight_after * (mi * mi);
@@ -560,7 +564,8 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
         new_b[i] = float(bi);
         b_largest = std::max(b_largest, magnitude_bits(new_b[i]));
       }
-      new_v[i] = float(std::sqrt(clamp_to_zero(vi)));
+      if constexpr (!SharedRoot) new_root = std::sqrt(clamp_to_zero(vi));
+      new_v[i] = float(new_root);
       v_largest = std::max(v_largest, magnitude_bits(new_v[i]));
     }
     encode_block<false>(new_v, count, bits_to_float(v_largest), v_codes + first, e.square_absmax + block,
@@ -572,6 +577,22 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
       encode_block<true>(new_b, count, bits_to_float(b_largest), b_codes + first, e.momentum_absmax + block,
                          maps.signed_map, e.seeds[2], first);
   }
+}
+
+// Without centering, the new square_avg v is the rule's second moment where there is no bias
+// correction (its factor 1 exact); with eps outside the root (eps_inside 0: v + 0 is v but for
+// -0, whose code is 0 too) and alpha and 1 - alpha not negative (v then has no negative values
+// for the clamp to zero to change), the rule's root is the root to store, bit for bit.
+template <typename S, unsigned B>
+void blockwise_step(const Job& job, const Entry& e, int64_t start, int64_t end) {
+  constexpr Variant V = variant_of(B);
+  if constexpr (!V.centered) {
+    const Scalars& s = job.scalars;
+    using C = ComputeType<S>;
+    const bool shared = s.eps_inside == 0 && C(s.alpha) >= 0 && C(s.rate) >= 0 && (V.plain || C(e.inverse_correction) == 1);
+    if (shared) return blockwise_state_chunk<S, B, true>(job, e, start, end);
+  }
+  blockwise_state_chunk<S, B, false>(job, e, start, end);
 }
 
 // The codes of values already divided by their block's absmax, with given noise, as the 8-bit
@@ -588,7 +609,7 @@ void step_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
   if constexpr (F == Format::Same) plain_state_chunk<T, T, B>(job, e, start, end);
   else if constexpr (F == Format::Float32) plain_state_chunk<T, float, B>(job, e, start, end);
   else if constexpr (F == Format::BFloat16) bfloat16_state_chunk<T, B>(job, e, start, end);
-  else blockwise_state_chunk<T, B>(job, e, start, end);
+  else blockwise_step<T, B>(job, e, start, end);
 }
 
 template <Storage S, Format F, unsigned B>

@@ -210,11 +210,11 @@ def _chunk_functions(functions: dict[str, str], instruction_set: str) -> dict[st
 
 @pytest.mark.parametrize("instruction_set", ["avx512", "avx2"] if X86 else [])
 def test_low_precision_state_is_converted_encoded_and_noised_in_vectors(functions, instruction_set):
-    """bf16 state: the SplitMix64 noise in 64-bit vector multiplies; 8-bit state: the map lookups
+    """bf16 state: the noise's hash in 32-bit vector multiplies; 8-bit state: the map lookups
     as gathers from the 1 KB map (the codes' neighbours as one 64-bit pair each) and the noise in
     vectors too."""
     register = {"avx512": "zmm", "avx2": "ymm"}[instruction_set]
-    multiply = r"vpmullq" if instruction_set == "avx512" else r"vpmuludq"
+    multiply = r"vpmulld"
 
     def of(kind: str) -> dict[str, str]:
         return {

@@ -481,18 +481,29 @@ def test_rounding_noise_depends_on_parameter_buffer_and_step():
     assert rounding_seed(0, "square_avg", 1) == seeds[(0, "square_avg", 1)]
 
 
-def test_rounding_bits_are_the_splitmix64_stream():
-    # Rosetta Code, "Pseudo-random numbers/Splitmix64": the first five outputs for seed 1234567.
-    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
-    bits = rounding_bits(1234567, 5)
-    assert bits.dtype == torch.int64
-    assert [value % 2**64 for value in bits.tolist()] == expected
+def _lowbias32_inverse(x: int) -> int:
+    """The inverse of lowbias32 as its author published it (https://nullprogram.com/blog/2018/07/31/)."""
+    x ^= x >> 16
+    x = (x * 0x43021123) & 0xFFFFFFFF
+    x ^= (x >> 15) ^ (x >> 30)
+    x = (x * 0x1D69E2A5) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_rounding_bits_are_the_hash_of_the_counter():
+    """The published inverse of lowbias32 takes each output back to its counter: output o of seed s
+    hashes (o + s mod 2^32) mod 2^32 xor s // 2^32, past the low half's wrap too."""
+    seed = 0x9E3779B9FFFFFFFD
+    bits = rounding_bits(seed, 6)
+    assert bits.dtype == torch.int64 and bits.min() >= 0 and bits.max() < 2**32
+    counters = [((o + seed) % 2**32) ^ (seed >> 32) for o in range(6)]
+    assert [_lowbias32_inverse(value) for value in bits.tolist()] == counters
+    assert len(set(bits.tolist())) == 6
 
 
 def test_rounding_noise_is_the_stream_read_as_16_bit_words():
-    # The words of the Rosetta Code outputs above, little-endian, element by element.
-    outputs = [6457827717110365317, 3203168211198807973]
-    words = [(value >> (16 * k)) & 0xFFFF for value in outputs for k in range(4)]
+    outputs = rounding_bits(1234567, 4).tolist()
+    words = [(value >> (16 * k)) & 0xFFFF for value in outputs for k in range(2)]
     assert rounding_noise(1234567, (7,)).tolist() == words[:7]
     assert rounding_noise(1234567, (2, 3)).reshape(-1).tolist() == words[:6]
 
@@ -510,6 +521,10 @@ def test_rounding_noise_is_uniform_in_its_ranges():
     for lag in (1, 2, 3, 4):
         correlation = (centered[:-lag] * centered[lag:]).mean().item() * 12
         assert abs(correlation) < 5 / math.sqrt(n)
+    # An element's noise at the next step, and of another buffer, uncorrelated with it.
+    for args in [(3, "square_avg", 8), (3, "grad_avg", 7), (4, "square_avg", 7)]:
+        other = uniform_noise(rounding_noise(rounding_seed(*args), (100_000,))).double() - 0.5
+        assert abs((centered * other).mean().item() * 12) < 5 / math.sqrt(n)
 
 
 def test_low_precision_leaves_the_global_rng_alone():

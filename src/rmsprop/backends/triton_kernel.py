@@ -59,7 +59,7 @@ from torch import Tensor
 from rmsprop.core.hyperparameters import Hyperparameters, KernelScalars
 from rmsprop.formats.layout import BLOCK_SIZE
 from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
-from rmsprop.formats.noise import NOISE_BITS, rounding_seed
+from rmsprop.formats.noise import HASH_MULTIPLIER_1, HASH_MULTIPLIER_2, NOISE_BITS, rounding_seed
 
 __all__ = ["BLOCK", "BLOCKS_PER_CHUNK", "BLOCKS_PER_PROGRAM", "rmsprop_step", "step_encoded"]
 
@@ -100,6 +100,8 @@ FLOAT32_STATE, BF16_STATE, BLOCKWISE_STATE = (tl.constexpr(i) for i in range(3))
 _STATES = {"float32": FLOAT32_STATE, "bf16": BF16_STATE, "8bit": BLOCKWISE_STATE}
 _BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)
 _NOISE_BITS = tl.constexpr(NOISE_BITS)
+_HASH_MULTIPLIER_1 = tl.constexpr(HASH_MULTIPLIER_1)
+_HASH_MULTIPLIER_2 = tl.constexpr(HASH_MULTIPLIER_2)
 # uniform_noise: 16 noise bits as a float32 in [0, 1).
 _NOISE_SCALE = tl.constexpr(2.0**-NOISE_BITS)
 # The absmax range whose reciprocal is a normal float (quantize_blockwise).
@@ -286,13 +288,13 @@ def _rmsprop_kernel(
 @triton.jit
 def _noise(seed, offsets):
     """The 16 noise bits of each element (:func:`rmsprop.formats.noise.rounding_noise`): bits
-    ``16 (i mod 4)`` and up of SplitMix64 output ``i // 4 + 1`` from state ``seed`` (uint64)."""
+    ``16 (i mod 2)`` and up of output ``i // 2`` of the hash stream of ``seed`` (uint64)."""
     index = offsets.to(tl.uint64)
-    z = seed + ((index >> 2) + 1) * 0x9E3779B97F4A7C15
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    z = z ^ (z >> 31)
-    return ((z >> ((index & 3) * _NOISE_BITS)) & 0xFFFF).to(tl.uint32)
+    x = ((index >> 1) + (seed & 0xFFFFFFFF)).to(tl.uint32) ^ (seed >> 32).to(tl.uint32)
+    x = (x ^ (x >> 16)) * _HASH_MULTIPLIER_1
+    x = (x ^ (x >> 15)) * _HASH_MULTIPLIER_2
+    x = x ^ (x >> 16)
+    return (x >> ((index & 1) * _NOISE_BITS).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit

@@ -124,7 +124,7 @@ constexpr int64_t kBlock = 256;
 // Elements per work item of the threads: a multiple of kBlock.
 constexpr int64_t kChunk = 1 << 16;
 
-// SplitMix64's constants, as rmsprop.formats.noise.rounding_bits uses them.
+// SplitMix64's constants, as rmsprop.formats.noise.rounding_seed uses them.
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
 constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ull;
 constexpr uint64_t kMix2 = 0x94D049BB133111EBull;
@@ -134,8 +134,18 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Output index + 1 of SplitMix64 from state seed: the noise of element index.
+// Output index + 1 of SplitMix64 from state seed (module.cpp's rounding_seed).
 inline uint64_t random_bits(uint64_t seed, uint64_t index) { return mix64(seed + (index + 1) * kGamma); }
+
+// The rounding noise's hash (rmsprop.formats.noise.rounding_bits): C. Wellons' lowbias32, a
+// bijection of 32-bit words, of output index + the seed's low half, xor its high half.
+constexpr uint32_t kHash1 = 0x7FEB352Du;
+constexpr uint32_t kHash2 = 0x846CA68Bu;
+inline uint32_t noise_hash(uint32_t x) {
+  x = (x ^ (x >> 16)) * kHash1;
+  x = (x ^ (x >> 15)) * kHash2;
+  return x ^ (x >> 16);
+}
 
 // The chunk function of each instruction set, or null where this build or CPU has none.
 ChunkFunction chunk_function_avx512(Storage, Format, unsigned variant);

@@ -154,25 +154,27 @@ __attribute__((always_inline)) inline T narrow(C x) {
   }
 }
 
-// Elements per output of SplitMix64 in the rounding noise, 16 bits each (rmsprop.formats.noise.rounding_noise).
-constexpr int64_t kNoisePerOutput = 4;
+// Elements per 32-bit output of the rounding noise, 16 bits each (rmsprop.formats.noise.rounding_noise).
+constexpr int64_t kNoisePerOutput = 2;
 
 // The rounding noise of elements [first, first + count) of a buffer, first a multiple of
-// kNoisePerOutput: SplitMix64's outputs first / 4 + 1, ... read as little-endian 16-bit words.
-// Computed a block at a time, a vector of outputs at once, stored as they are and widened by the
-// loop that uses them. noise holds kBlock words: the last output may fill a few past count.
-using AliasedWords = uint64_t __attribute__((may_alias));
+// kNoisePerOutput: outputs first / 2, ... of the hash (kernel.h, noise_hash) read as little-endian
+// 16-bit words. Computed a block at a time, a vector of outputs at once (32-bit multiplies, which
+// AVX2 has), stored as they are and widened by the loop that uses them. noise holds kBlock words:
+// the last output may fill one past count.
+using AliasedWords = uint32_t __attribute__((may_alias));
 
 inline void rounding_noise(uint64_t seed, int64_t first, int64_t count, uint16_t* __restrict noise) {
   const int64_t n = (count + kNoisePerOutput - 1) / kNoisePerOutput;
-  const uint64_t base = uint64_t(first / kNoisePerOutput);
+  // Output o hashes (o + low half) mod 2^32, xor the high half.
+  const uint32_t base = uint32_t(uint64_t(first / kNoisePerOutput)) + uint32_t(seed), high = uint32_t(seed >> 32);
   if constexpr (std::endian::native == std::endian::little) {
     AliasedWords* words = reinterpret_cast<AliasedWords*>(noise);
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) words[j] = random_bits(seed, base + uint64_t(j));
+    for (int64_t j = 0; j < n; ++j) words[j] = noise_hash((base + uint32_t(j)) ^ high);
   } else {
     for (int64_t i = 0; i < count; ++i)
-      noise[i] = uint16_t(random_bits(seed, base + uint64_t(i / kNoisePerOutput)) >> (16 * (i % kNoisePerOutput)));
+      noise[i] = uint16_t(noise_hash((base + uint32_t(i / kNoisePerOutput)) ^ high) >> (16 * (i % kNoisePerOutput)));
   }
 }
 

@@ -216,8 +216,8 @@ def test_low_precision_checkpoints_keep_loading_and_stepping(version, fused):
     if fused is False:
         for key, value in model.state_dict().items():
             torch.testing.assert_close(value, next_step["model"][key], rtol=0, atol=0)
-    # The rounding noise changed after 0.1.0 (16 bits per element, four elements per SplitMix64
-    # output), so the state is stored rounded otherwise than 0.1.0 stored it: its values lie
+    # The rounding noise changed after 0.1.0 (16 bits per element, two elements per output of a
+    # 32-bit hash), so the state is stored rounded otherwise than 0.1.0 stored it: its values lie
     # within one rounding of the state the NumPy oracle steps to.
     for p, values, (_, new_state) in zip(params, fixture.decoded_state(optimizer), expected, strict=True):
         state = optimizer.state[p]

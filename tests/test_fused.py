@@ -529,6 +529,32 @@ def test_fused_encoded_state_of_other_parameter_dtypes_equals_the_per_tensor_pat
     _step_by_step(monkeypatch, _encoded_settings(flags, mode), dtype)
 
 
+def test_fused_8bit_blocks_of_extreme_magnitudes_equal_the_per_tensor_path():
+    """Blocks whose absmax lies outside [2^-126, 2^126), which the encoding scales by 2^32 or
+    2^-32 before the reciprocal: the grad_avg of gradients near 1e-37 (subnormal), and a
+    momentum block stored with an absmax of 1.5e38."""
+    settings = {"state_precision": "8bit", "min_8bit_size": 256, "centered": True, "momentum": 0.9, "lr": 1e-3}
+    generator = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(768, generator=generator))]
+    optimizer = RMSprop(params, fused=None, **settings)
+    scale = torch.cat([torch.full((256,), 1e-37), torch.ones(512)])
+    for step in range(5):
+        if step == 1:
+            optimizer.state[params[0]]["momentum_buffer_absmax"][2] = 1.5e38
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        twin = RMSprop(twins, fused=False, **settings)
+        twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        twin.param_groups[0]["fused"] = False
+        gradient = torch.randn(768, generator=generator) * scale
+        params[0].grad, twins[0].grad = gradient.clone(), gradient.clone()
+        optimizer.step()
+        twin.step()
+        _check_same_step(optimizer, params, twin, twins)
+        state = optimizer.state[params[0]]
+        assert state["grad_avg_absmax"][0] < 2.0**-126
+        assert step == 0 or state["momentum_buffer_absmax"][2] >= 2.0**126
+
+
 @pytest.mark.parametrize("mode", ["bf16", "8bit"])
 def test_fused_encoded_state_does_not_depend_on_the_thread_count(mode):
     """The noise is a function of the element, not of the thread that draws it."""

@@ -113,6 +113,76 @@ def test_stochastic_quantization_picks_a_neighbour_and_bounds_the_error(signed):
     assert relative[top].max() <= bin_width / 0.1 + 1e-6
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_stochastic_rounding_is_unbiased(signed):
+    """Values a quarter of the way between two map values (times a block absmax whose reciprocal
+    is inexact) decode, on average, to themselves."""
+    qmap = SIGNED_MAP if signed else UNSIGNED_MAP
+    absmax = 3.0
+    table = qmap.double()
+    targets = [(200, 0.25), (140, 0.6)] + ([(40, 0.3)] if signed else [])
+    values = [float(absmax * (table[i] + f * (table[i + 1] - table[i]))) for i, f in targets]
+    blocks = 2000
+    per_value = (BLOCK_SIZE - 1) // len(values)
+    block = torch.tensor([absmax] + sum(([v] * per_value for v in values), []), dtype=torch.float32)
+    block = torch.cat([block, torch.zeros(BLOCK_SIZE - block.numel())])
+    x = block.repeat(blocks)
+    uniform = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    decoded = dequantize_blockwise(*quantize_blockwise(x, qmap, uniform), qmap).double().reshape(blocks, BLOCK_SIZE)
+    nearest = dequantize_blockwise(*quantize_blockwise(x, qmap), qmap).double().reshape(blocks, BLOCK_SIZE)
+    assert torch.all(decoded[:, 0] == absmax)
+    for k, ((i, fraction), value) in enumerate(zip(targets, values, strict=True)):
+        columns = slice(1 + k * per_value, 1 + (k + 1) * per_value)
+        gap = absmax * float(table[i + 1] - table[i])
+        standard_error = gap * math.sqrt(fraction * (1 - fraction) / (blocks * per_value))
+        value = float(torch.tensor(value, dtype=torch.float32))
+        assert abs(decoded[:, columns].mean().item() - value) < 5 * standard_error
+        # Round-to-nearest is off by a quarter of a gap or more, hundreds of standard errors.
+        assert abs(nearest[:, columns].mean().item() - value) > 50 * standard_error
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_largest_magnitude_of_a_block_is_exact_with_any_noise(signed):
+    """The block's largest magnitude decodes exactly, whatever the noise, from subnormal absmaxes
+    to the largest floats (times a reciprocal rounded to nearest it could miss 1 by an ulp)."""
+    qmap = SIGNED_MAP if signed else UNSIGNED_MAP
+    generator = torch.Generator().manual_seed(2)
+    exponents = torch.randint(-149, 128, (400,), generator=generator).double()
+    magnitudes = (torch.rand(400, generator=generator, dtype=torch.float64) + 1) * 2.0**exponents
+    magnitudes = magnitudes.float()
+    magnitudes = magnitudes[(magnitudes > 0) & magnitudes.isfinite()]
+    assert (magnitudes < 2.0**-126).any() and (magnitudes >= 2.0**126).any()
+    signs = torch.where(torch.rand(magnitudes.shape, generator=generator) < 0.5, -1.0, 1.0) if signed else 1.0
+    largest = magnitudes * signs
+    blocks = torch.rand(magnitudes.numel(), BLOCK_SIZE, generator=generator) * largest.unsqueeze(1) * 0.99
+    blocks[:, 7] = largest
+    for noise in (0.0, 1 - 2.0**-16):
+        uniform = torch.full(blocks.shape, noise)
+        decoded = dequantize_blockwise(*quantize_blockwise(blocks, qmap, uniform), qmap)
+        assert torch.equal(decoded[:, 7], largest)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_block_of_subnormal_magnitudes_is_encoded_as_the_same_block_scaled_up(signed):
+    """Such a block is multiplied by 2^32 before the reciprocal of its absmax, which would be
+    infinite: its codes are those of the block times 2^64, and it decodes within a bin."""
+    qmap = SIGNED_MAP if signed else UNSIGNED_MAP
+    generator = torch.Generator().manual_seed(3)
+    units = torch.randint(1 if not signed else -(1 << 20), 1 << 20, (4 * BLOCK_SIZE,), generator=generator)
+    tiny = units.float() * 2.0**-149  # exact subnormals (and normals near 2^-129)
+    tiny[:BLOCK_SIZE] *= 2.0**-10
+    uniform = torch.rand(tiny.shape, generator=generator)
+    codes, absmax = quantize_blockwise(tiny, qmap, uniform)
+    assert (absmax < torch.finfo(torch.float32).tiny).all()
+    scaled_codes, _ = quantize_blockwise(tiny * 2.0**64, qmap, uniform)
+    assert torch.equal(codes, scaled_codes)
+    decoded = dequantize_blockwise(codes, absmax, qmap).double()
+    exact = tiny.double()
+    top = exact.abs() >= 0.1 * absmax.double().repeat_interleave(BLOCK_SIZE)
+    bin_width = 0.9 / (64 if signed else 128)
+    assert ((decoded - exact).abs()[top] <= bin_width * absmax.double().repeat_interleave(BLOCK_SIZE)[top] * 1.0001).all()
+
+
 def test_bf16_stochastic_rounding_is_unbiased():
     # 1 + 2^-10 lies a quarter of the way from bfloat16's 1 to 1 + 2^-7.
     x = torch.full((200_000,), 1 + 2**-10)
@@ -411,18 +481,29 @@ def test_rounding_noise_depends_on_parameter_buffer_and_step():
     assert rounding_seed(0, "square_avg", 1) == seeds[(0, "square_avg", 1)]
 
 
-def test_rounding_bits_are_the_splitmix64_stream():
-    # Rosetta Code, "Pseudo-random numbers/Splitmix64": the first five outputs for seed 1234567.
-    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
-    bits = rounding_bits(1234567, 5)
-    assert bits.dtype == torch.int64
-    assert [value % 2**64 for value in bits.tolist()] == expected
+def _lowbias32_inverse(x: int) -> int:
+    """The inverse of lowbias32 as its author published it (https://nullprogram.com/blog/2018/07/31/)."""
+    x ^= x >> 16
+    x = (x * 0x43021123) & 0xFFFFFFFF
+    x ^= (x >> 15) ^ (x >> 30)
+    x = (x * 0x1D69E2A5) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_rounding_bits_are_the_hash_of_the_counter():
+    """The published inverse of lowbias32 takes each output back to its counter: output o of seed s
+    hashes (o + s mod 2^32) mod 2^32 xor s // 2^32, past the low half's wrap too."""
+    seed = 0x9E3779B9FFFFFFFD
+    bits = rounding_bits(seed, 6)
+    assert bits.dtype == torch.int64 and bits.min() >= 0 and bits.max() < 2**32
+    counters = [((o + seed) % 2**32) ^ (seed >> 32) for o in range(6)]
+    assert [_lowbias32_inverse(value) for value in bits.tolist()] == counters
+    assert len(set(bits.tolist())) == 6
 
 
 def test_rounding_noise_is_the_stream_read_as_16_bit_words():
-    # The words of the Rosetta Code outputs above, little-endian, element by element.
-    outputs = [6457827717110365317, 3203168211198807973]
-    words = [(value >> (16 * k)) & 0xFFFF for value in outputs for k in range(4)]
+    outputs = rounding_bits(1234567, 4).tolist()
+    words = [(value >> (16 * k)) & 0xFFFF for value in outputs for k in range(2)]
     assert rounding_noise(1234567, (7,)).tolist() == words[:7]
     assert rounding_noise(1234567, (2, 3)).reshape(-1).tolist() == words[:6]
 
@@ -440,6 +521,10 @@ def test_rounding_noise_is_uniform_in_its_ranges():
     for lag in (1, 2, 3, 4):
         correlation = (centered[:-lag] * centered[lag:]).mean().item() * 12
         assert abs(correlation) < 5 / math.sqrt(n)
+    # An element's noise at the next step, and of another buffer, uncorrelated with it.
+    for args in [(3, "square_avg", 8), (3, "grad_avg", 7), (4, "square_avg", 7)]:
+        other = uniform_noise(rounding_noise(rounding_seed(*args), (100_000,))).double() - 0.5
+        assert abs((centered * other).mean().item() * 12) < 5 / math.sqrt(n)
 
 
 def test_low_precision_leaves_the_global_rng_alone():

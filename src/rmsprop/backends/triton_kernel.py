@@ -59,7 +59,7 @@ from torch import Tensor
 from rmsprop.core.hyperparameters import Hyperparameters, KernelScalars
 from rmsprop.formats.layout import BLOCK_SIZE
 from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
-from rmsprop.formats.noise import NOISE_BITS, rounding_seed
+from rmsprop.formats.noise import HASH_MULTIPLIER_1, HASH_MULTIPLIER_2, NOISE_BITS, rounding_seed
 
 __all__ = ["BLOCK", "BLOCKS_PER_CHUNK", "BLOCKS_PER_PROGRAM", "rmsprop_step", "step_encoded"]
 
@@ -100,8 +100,13 @@ FLOAT32_STATE, BF16_STATE, BLOCKWISE_STATE = (tl.constexpr(i) for i in range(3))
 _STATES = {"float32": FLOAT32_STATE, "bf16": BF16_STATE, "8bit": BLOCKWISE_STATE}
 _BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)
 _NOISE_BITS = tl.constexpr(NOISE_BITS)
+_HASH_MULTIPLIER_1 = tl.constexpr(HASH_MULTIPLIER_1)
+_HASH_MULTIPLIER_2 = tl.constexpr(HASH_MULTIPLIER_2)
 # uniform_noise: 16 noise bits as a float32 in [0, 1).
 _NOISE_SCALE = tl.constexpr(2.0**-NOISE_BITS)
+# The absmax range whose reciprocal is a normal float (quantize_blockwise).
+_SMALLEST_NORMAL = tl.constexpr(2.0**-126)
+_LARGEST_UNSCALED = tl.constexpr(2.0**126)
 
 # Parameter dtype -> (type stored in memory, type computed in). Complex tensors are pairs of reals.
 _TYPES = {
@@ -283,13 +288,13 @@ def _rmsprop_kernel(
 @triton.jit
 def _noise(seed, offsets):
     """The 16 noise bits of each element (:func:`rmsprop.formats.noise.rounding_noise`): bits
-    ``16 (i mod 4)`` and up of SplitMix64 output ``i // 4 + 1`` from state ``seed`` (uint64)."""
+    ``16 (i mod 2)`` and up of output ``i // 2`` of the hash stream of ``seed`` (uint64)."""
     index = offsets.to(tl.uint64)
-    z = seed + ((index >> 2) + 1) * 0x9E3779B97F4A7C15
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    z = z ^ (z >> 31)
-    return ((z >> ((index & 3) * _NOISE_BITS)) & 0xFFFF).to(tl.uint32)
+    x = ((index >> 1) + (seed & 0xFFFFFFFF)).to(tl.uint32) ^ (seed >> 32).to(tl.uint32)
+    x = (x ^ (x >> 16)) * _HASH_MULTIPLIER_1
+    x = (x ^ (x >> 15)) * _HASH_MULTIPLIER_2
+    x = x ^ (x >> 16)
+    return (x >> ((index & 1) * _NOISE_BITS).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit
@@ -351,12 +356,20 @@ def _encode(value, address, absmax_address, offsets, mask, blocks, block_mask, q
         magnitudes = tl.where(mask, x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0)
         absmax = tl.reduce(magnitudes, 1, _larger).to(tl.float32, bitcast=True)
         tl.store(absmax_address.to(tl.pointer_type(tl.float32)) + blocks, absmax, mask=block_mask)
-        scaled = tl.div_rn(x, tl.where(absmax > 0, absmax, 1.0)[:, None])
+        # quantize_blockwise: times the reciprocal of the absmax (rounded up where rounding to
+        # nearest fell below it), a block whose absmax lies outside [2^-126, 2^126) times 2^32 or
+        # 2^-32 first; up where uniform * gap < scaled - low.
+        prescale = tl.where(absmax < _SMALLEST_NORMAL, 4294967296.0, tl.where(absmax >= _LARGEST_UNSCALED, 2.0**-32, 1.0))
+        divisor = tl.where(absmax > 0, absmax * prescale, 1.0)
+        reciprocal = tl.div_rn(tl.full(divisor.shape, 1.0, tl.float32), divisor)
+        next_up = (reciprocal.to(tl.uint32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+        reciprocal = tl.where(divisor * reciprocal < 1.0, next_up, reciprocal)
+        scaled = x * prescale[:, None] * reciprocal[:, None]
         lower = _lower_index(qmap, scaled)
         low = tl.load(qmap + lower)
-        fraction = tl.div_rn(scaled - low, tl.load(qmap + lower + 1) - low)
+        gap = tl.load(qmap + lower + 1) - low
         uniform = _noise(seed, offsets).to(tl.float32) * _NOISE_SCALE
-        codes = (lower + (uniform < fraction).to(tl.int32)).to(tl.uint8)
+        codes = (lower + (uniform * gap < scaled - low).to(tl.int32)).to(tl.uint8)
         tl.store(address.to(tl.pointer_type(tl.uint8)) + offsets, codes, mask=mask)
 
 

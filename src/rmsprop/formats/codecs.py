@@ -6,6 +6,7 @@ for why they are built as they are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,23 +50,32 @@ def stochastic_round_bf16(x: Tensor, noise: Tensor) -> Tensor:
 def quantize_blockwise(x: Tensor, qmap: Tensor, uniform: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Codes (uint8, shape of ``x``) and per-block absmax (fp32) of ``x``.
 
-    Each block of :data:`BLOCK_SIZE` flattened elements is divided by its
-    largest magnitude and rounded to one of the two neighbouring values of the
-    sorted ``qmap``: up with probability proportional to the distance from the
-    lower one when ``uniform`` (U[0, 1) noise, one per element) is given,
-    otherwise to the nearest. Values outside the map's range clamp to its ends.
+    Each block of :data:`BLOCK_SIZE` flattened elements is multiplied by the
+    reciprocal of its largest magnitude (fp32, rounded up where rounding to
+    nearest falls below it, so that the largest magnitude scales to 1 or beyond
+    and is encoded exactly; a block whose largest magnitude lies outside
+    [2^-126, 2^126) is first multiplied by 2^32 or 2^-32, so that the
+    reciprocal is a normal float) and rounded to one of the two neighbouring values ``low < high`` of the sorted
+    ``qmap``: up where ``uniform * (high - low) < scaled - low`` when ``uniform``
+    (U[0, 1) noise, one per element) is given, so with probability
+    proportional to the distance from ``low``; otherwise to the nearest.
+    Values outside the map's range clamp to its ends.
     """
     flat = x.reshape(-1).to(torch.float32)
     blocks = _pad_to_blocks(flat)
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)
+    prescale = torch.ones_like(absmax).masked_fill_(absmax < 2.0**-126, 2.0**32).masked_fill_(absmax >= 2.0**126, 2.0**-32)
+    divisor = (absmax * prescale).masked_fill_(~(absmax > 0), 1.0)
+    reciprocal = torch.ones_like(divisor).div_(divisor)
+    reciprocal = torch.where(divisor * reciprocal < 1, torch.nextafter(reciprocal, torch.full_like(reciprocal, math.inf)), reciprocal)
+    scaled = blocks.mul(prescale.unsqueeze(1)).mul_(reciprocal.unsqueeze(1))
     scaled = scaled.reshape(-1)[: flat.numel()]
     qmap = qmap.to(x.device)
     lower = lower_index(qmap, scaled)
     low = torch.index_select(qmap, 0, lower)
     gap = torch.index_select(qmap, 0, lower + 1).sub_(low)
-    fraction = scaled.sub_(low).div_(gap)
-    round_up = fraction >= 0.5 if uniform is None else uniform.reshape(-1) < fraction
+    distance = scaled.sub_(low)
+    round_up = distance >= gap.mul_(0.5) if uniform is None else uniform.reshape(-1) * gap < distance
     codes = lower.add_(round_up).to(torch.uint8)
     return codes.reshape(x.shape), absmax
 

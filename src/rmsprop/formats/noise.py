@@ -14,6 +14,8 @@ __all__ = [
     "SPLITMIX_MIX_1",
     "SPLITMIX_MIX_2",
     "ELEMENTS_PER_OUTPUT",
+    "HASH_MULTIPLIER_1",
+    "HASH_MULTIPLIER_2",
     "NOISE_BITS",
     "rounding_bits",
     "rounding_noise",
@@ -22,12 +24,17 @@ __all__ = [
 ]
 
 
-# SplitMix64 (Steele, Lea and Flood, 2014; reference C code: Vigna's splitmix64.c):
-# the state advances by SPLITMIX_GAMMA and each output is the state mixed by the two multipliers.
+# SplitMix64 (Steele, Lea and Flood, 2014; reference C code: Vigna's splitmix64.c), which derives
+# the seeds: the state advances by SPLITMIX_GAMMA and each output is the state mixed by the two multipliers.
 SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
 SPLITMIX_MIX_1 = 0xBF58476D1CE4E5B9
 SPLITMIX_MIX_2 = 0x94D049BB133111EB
 _UINT64 = (1 << 64) - 1
+_UINT32 = (1 << 32) - 1
+
+# lowbias32's multipliers (https://nullprogram.com/blog/2018/07/31/), the noise's hash.
+HASH_MULTIPLIER_1 = 0x7FEB352D
+HASH_MULTIPLIER_2 = 0x846CA68B
 
 
 def _splitmix64(value: int) -> int:
@@ -45,40 +52,38 @@ def rounding_seed(param_index: int, key: str, step: int) -> int:
     return _splitmix64(seed ^ step)
 
 
-def _int64(value: int) -> int:
-    """An unsigned 64-bit value as the signed int64 with the same bits."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _shift_right(x: Tensor, bits: int) -> Tensor:
-    """Logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def rounding_bits(seed: int, count: int, device: torch.device | str = "cpu") -> Tensor:
-    """Outputs ``1 .. count`` of SplitMix64 from state ``seed``, as int64 (int64 arithmetic wraps as uint64 does)."""
-    x = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _int64(SPLITMIX_GAMMA) + _int64(seed)
-    x = (x ^ _shift_right(x, 30)) * _int64(SPLITMIX_MIX_1)
-    x = (x ^ _shift_right(x, 27)) * _int64(SPLITMIX_MIX_2)
-    return x ^ _shift_right(x, 31)
+    """Outputs ``0 .. count - 1`` of the noise stream of ``seed``, as int64 holding uint32 values:
+    output ``o`` is lowbias32 (C. Wellons' 32-bit multiply-xorshift hash, a bijection of 32-bit words)
+    of ``(o + seed mod 2^32) mod 2^32`` xor ``seed // 2^32``.
+
+    A hash of a counter, so that any output can be computed on its own; 32-bit multiplies, which
+    every vector instruction set has (AVX2 has no 64-bit multiply).
+    """
+    x = torch.arange(count, dtype=torch.int64, device=device).add_(seed & _UINT32).bitwise_and_(_UINT32)
+    x.bitwise_xor_(seed >> 32)
+    x.bitwise_xor_(x >> 16).mul_(HASH_MULTIPLIER_1).bitwise_and_(_UINT32)
+    x.bitwise_xor_(x >> 15).mul_(HASH_MULTIPLIER_2).bitwise_and_(_UINT32)
+    return x.bitwise_xor_(x >> 16)
 
 
-# Noise bits per element: each SplitMix64 output serves this many consecutive elements.
+# Noise bits per element: each 32-bit output serves this many consecutive elements.
 NOISE_BITS = 16
-ELEMENTS_PER_OUTPUT = 64 // NOISE_BITS
+ELEMENTS_PER_OUTPUT = 32 // NOISE_BITS
 
 
 def rounding_noise(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
     """int32 noise uniform in ``[0, 2^16)``, one per element of ``shape``: element ``i`` of the flattened
-    shape gets bits ``16 (i mod 4)`` to ``16 (i mod 4) + 15`` of SplitMix64 output ``i // 4 + 1`` from state ``seed``.
+    shape gets bits ``16 (i mod 2)`` to ``16 (i mod 2) + 15`` of output ``i // 2`` of :func:`rounding_bits`.
 
     That is the stream's outputs read as little-endian 16-bit words, in order.
     Counter-based, so any element's noise can be computed on its own: the
     fused kernels draw the same noise for the same element, block by block.
+    Elements 2^33 apart in one tensor get the same noise.
     """
     numel = math.prod(shape)
     outputs = rounding_bits(seed, -(-numel // ELEMENTS_PER_OUTPUT), device)
-    words = torch.stack([_shift_right(outputs, NOISE_BITS * k) & 0xFFFF for k in range(ELEMENTS_PER_OUTPUT)], dim=1)
+    words = torch.stack([(outputs >> (NOISE_BITS * k)) & 0xFFFF for k in range(ELEMENTS_PER_OUTPUT)], dim=1)
     return words.reshape(-1)[:numel].to(torch.int32).reshape(shape)
 
 

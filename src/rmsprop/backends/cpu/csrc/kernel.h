@@ -69,12 +69,15 @@ struct Maps {
 // t = y * scale[k] - bins[k] / 9 bins into it, so floor(t + 1/2) midpoints of the decade lie at or
 // below it. offset_below and offset_above hold bins[k] / 9 - 1/2 -/+ a margin of 1/64: the floors
 // then err by at most one, in a known direction, where float32's errors are below 10^-4 bins.
+// shift holds base[k] + 1/2 - bins[k] / 9, without the margin: floor(y * scale[k] + shift[k]) is
+// the count of the map's midpoints at or below y but within float32's errors of a midpoint.
 // module.cpp's set_maps checks that a map given has this layout.
 constexpr int kDecades = 7;
 
 struct MapLayout {
   float edge[16];  // the lower edge of decade k, 10^(k-7) (edge[0] unused)
   float scale[16];
+  float shift[16];
   float offset_below[16];
   float offset_above[16];
   int32_t bins[16];
@@ -91,6 +94,7 @@ constexpr MapLayout map_layout(bool is_signed) {
     const int32_t bins = int32_t(1) << (is_signed ? k : k + 1);
     layout.edge[k] = float(kDecadeTops[k] / 10);
     layout.scale[k] = float(bins / (0.9 * kDecadeTops[k]));
+    layout.shift[k] = float(base + 0.5 - bins / 9.0);
     layout.offset_below[k] = float(bins / 9.0 - 0.5 + kMargin);
     layout.offset_above[k] = float(bins / 9.0 - 0.5 - kMargin);
     layout.bins[k] = bins;
@@ -120,7 +124,7 @@ constexpr int64_t kBlock = 256;
 // Elements per work item of the threads: a multiple of kBlock.
 constexpr int64_t kChunk = 1 << 16;
 
-// SplitMix64's constants, as rmsprop.formats.noise.rounding_bits uses them.
+// SplitMix64's constants, as rmsprop.formats.noise.rounding_seed uses them.
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
 constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ull;
 constexpr uint64_t kMix2 = 0x94D049BB133111EBull;
@@ -130,8 +134,18 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Output index + 1 of SplitMix64 from state seed: the noise of element index.
+// Output index + 1 of SplitMix64 from state seed (module.cpp's rounding_seed).
 inline uint64_t random_bits(uint64_t seed, uint64_t index) { return mix64(seed + (index + 1) * kGamma); }
+
+// The rounding noise's hash (rmsprop.formats.noise.rounding_bits): C. Wellons' lowbias32, a
+// bijection of 32-bit words, of output index + the seed's low half, xor its high half.
+constexpr uint32_t kHash1 = 0x7FEB352Du;
+constexpr uint32_t kHash2 = 0x846CA68Bu;
+inline uint32_t noise_hash(uint32_t x) {
+  x = (x ^ (x >> 16)) * kHash1;
+  x = (x ^ (x >> 15)) * kHash2;
+  return x ^ (x >> 16);
+}
 
 // The chunk function of each instruction set, or null where this build or CPU has none.
 ChunkFunction chunk_function_avx512(Storage, Format, unsigned variant);

@@ -154,25 +154,27 @@ __attribute__((always_inline)) inline T narrow(C x) {
   }
 }
 
-// Elements per output of SplitMix64 in the rounding noise, 16 bits each (rmsprop.formats.noise.rounding_noise).
-constexpr int64_t kNoisePerOutput = 4;
+// Elements per 32-bit output of the rounding noise, 16 bits each (rmsprop.formats.noise.rounding_noise).
+constexpr int64_t kNoisePerOutput = 2;
 
 // The rounding noise of elements [first, first + count) of a buffer, first a multiple of
-// kNoisePerOutput: SplitMix64's outputs first / 4 + 1, ... read as little-endian 16-bit words.
-// Computed a block at a time, a vector of outputs at once, stored as they are and widened by the
-// loop that uses them. noise holds kBlock words: the last output may fill a few past count.
-using AliasedWords = uint64_t __attribute__((may_alias));
+// kNoisePerOutput: outputs first / 2, ... of the hash (kernel.h, noise_hash) read as little-endian
+// 16-bit words. Computed a block at a time, a vector of outputs at once (32-bit multiplies, which
+// AVX2 has), stored as they are and widened by the loop that uses them. noise holds kBlock words:
+// the last output may fill one past count.
+using AliasedWords = uint32_t __attribute__((may_alias));
 
 inline void rounding_noise(uint64_t seed, int64_t first, int64_t count, uint16_t* __restrict noise) {
   const int64_t n = (count + kNoisePerOutput - 1) / kNoisePerOutput;
-  const uint64_t base = uint64_t(first / kNoisePerOutput);
+  // Output o hashes (o + low half) mod 2^32, xor the high half.
+  const uint32_t base = uint32_t(uint64_t(first / kNoisePerOutput)) + uint32_t(seed), high = uint32_t(seed >> 32);
   if constexpr (std::endian::native == std::endian::little) {
     AliasedWords* words = reinterpret_cast<AliasedWords*>(noise);
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) words[j] = random_bits(seed, base + uint64_t(j));
+    for (int64_t j = 0; j < n; ++j) words[j] = noise_hash((base + uint32_t(j)) ^ high);
   } else {
     for (int64_t i = 0; i < count; ++i)
-      noise[i] = uint16_t(random_bits(seed, base + uint64_t(i / kNoisePerOutput)) >> (16 * (i % kNoisePerOutput)));
+      noise[i] = uint16_t(noise_hash((base + uint32_t(i / kNoisePerOutput)) ^ high) >> (16 * (i % kNoisePerOutput)));
   }
 }
 
@@ -194,7 +196,8 @@ __attribute__((always_inline)) inline C clamp_to_zero(C x) {
 // Always inlined: a call in a loop keeps it scalar, and GCC's inliner gave up on some
 // of the larger loops.
 template <typename C, Variant V>
-__attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k) {
+__attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& b, C inverse_correction, const Constants<C>& k,
+                                                     C* root = nullptr) {
   if constexpr (!V.plain) {
     p = p * k.decay_factor;
     g = g * k.sign;
@@ -210,7 +213,9 @@ __attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& 
     second_moment = mul_add(-mean, mean, second_moment);
     second_moment = clamp_to_zero(second_moment);
   }
-  const C u = g / (std::sqrt(second_moment + k.eps_inside) + k.eps_outside);
+  const C denominator_root = std::sqrt(second_moment + k.eps_inside);
+  if (root) *root = denominator_root;
+  const C u = g / (denominator_root + k.eps_outside);
   if constexpr (V.momentum) {
     // lr_in_momentum: the buffer accumulates lr * u and the step subtracts it as it is.
     // Both forms are computed and one selected.
@@ -314,11 +319,12 @@ inline void decode_block(const uint8_t* __restrict codes, int64_t count, const f
 // The code of each scaled value (rmsprop.formats.codecs.quantize_blockwise): j = the count of
 // map values below x, lower = clamp(j, 1, 255) - 1 (so map[lower] < x <= map[lower + 1], or
 // the nearest end), then up with probability proportional to the distance from map[lower]:
-// where the uniform noise / 2^16 lies below the fraction.
+// where uniform * gap < x - map[lower], uniform = noise / 2^16 and gap = map[lower + 1] - map[lower].
 //
 // j is computed, not searched (kernel.h, MapLayout): the decade of |x| by six comparisons, the
-// count of the decade's bin midpoints below it by a multiply-add and a floor, which is j or
-// j - 1 (its error is far below the margin), and one comparison with the map fixes it.
+// count of the decade's bin midpoints below it by a multiply-add and a floor.
+// The scalar loop's floor errs by at most one in a known direction (the margin) and one
+// comparison with the map fixes it.
 template <bool Signed>
 __attribute__((always_inline)) inline int32_t estimate_count(float x, const float* __restrict map) {
   const MapLayout& m = Signed ? kSignedLayout : kUnsignedLayout;
@@ -339,113 +345,152 @@ __attribute__((always_inline)) inline int32_t estimate_count(float x, const floa
   }
 }
 
+// The decade of y by its binary exponent, for the AVX-512 loop: binade j = [2^(j-21), 2^(j-20))
+// (clamped to [0, 31]) holds at most one of the edges 10^(d-7), 1 <= d < 7: below[j] of them lie
+// at or below it, and y >= inside[j] (infinity where none lies inside) adds the one inside.
+struct DecadeOfBinade {
+  int32_t below[32];
+  float inside[32];
+};
+
+constexpr DecadeOfBinade decade_of_binade() {
+  DecadeOfBinade table{};
+  const MapLayout& m = kSignedLayout;
+  double bottom = 1.0;
+  for (int e = 0; e < 21; ++e) bottom /= 2;
+  for (int j = 0; j < 32; ++j, bottom *= 2) {
+    table.below[j] = 0;
+    table.inside[j] = std::numeric_limits<float>::infinity();
+    for (int d = 1; d < kDecades; ++d) {
+      if (m.edge[d] <= bottom) ++table.below[j];
+      else if (m.edge[d] < 2 * bottom) table.inside[j] = m.edge[d];
+    }
+  }
+  return table;
+}
+
+inline constexpr DecadeOfBinade kDecadeOfBinade = decade_of_binade();
+
+// The vector loops estimate lower itself, without the margin (kernel.h, MapLayout::shift: so it is
+// exact but within float32's errors of a midpoint), load map[lower] and map[lower + 1] as one
+// 64-bit word of each element, check map[lower] <= z <= map[lower + 1] exactly (z: x clamped to
+// the map's range, which leaves its code as it is) and move the rare lanes where that fails by
+// one until it holds.
 template <bool Signed>
-inline void lookup_codes(const float* __restrict values, float divisor, const uint16_t* __restrict noise, int64_t count,
-                         const float* __restrict map, uint8_t* __restrict codes) {
+inline void lookup_codes(const float* __restrict values, float prescale, float reciprocal,
+                         const uint16_t* __restrict noise, int64_t count, const float* __restrict map,
+                         uint8_t* __restrict codes) {
   const MapLayout& m = Signed ? kSignedLayout : kUnsignedLayout;
   int64_t i = 0;
-  // j is clamped to [1, 255] before the comparison (which keeps clamp(j, 1, 255) as it is), and
-  // the comparison's map value is one of the two neighbours: one more gather fetches the other.
 #if defined(__AVX512F__)
-  const __m512i one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(255);
-  const __m512 scales = _mm512_loadu_ps(m.scale), below = _mm512_loadu_ps(m.offset_below),
-               above = _mm512_loadu_ps(m.offset_above), divisors = _mm512_set1_ps(divisor);
-  const __m512i bins = _mm512_loadu_si512(m.bins), bases = _mm512_loadu_si512(m.base);
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(254);
+  const __m512 scales = _mm512_loadu_ps(m.scale), shifts = _mm512_loadu_ps(m.shift),
+               prescales = _mm512_set1_ps(prescale), reciprocals = _mm512_set1_ps(reciprocal),
+               first_value = _mm512_set1_ps(map[0]), last_value = _mm512_set1_ps(map[255]);
+  const __m512i below_low = _mm512_loadu_si512(kDecadeOfBinade.below), below_high = _mm512_loadu_si512(kDecadeOfBinade.below + 16);
+  const __m512 inside_low = _mm512_loadu_ps(kDecadeOfBinade.inside), inside_high = _mm512_loadu_ps(kDecadeOfBinade.inside + 16);
+  // The low and high words of the 64-bit pairs, in element order.
+  const __m512i lows = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i highs = _mm512_add_epi32(lows, one);
   for (; i + 16 <= count; i += 16) {
-    const __m512 x = _mm512_div_ps(_mm512_loadu_ps(values + i), divisors);
-    const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(values + i), prescales), reciprocals);
+    // NaN with the positive values: it then gets lower = 254, as the count of map values below it is 256.
+    const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ);
     const __m512 y = _mm512_abs_ps(x);
-    __m512i k = _mm512_setzero_si512();
-    for (int d = 1; d < kDecades; ++d)
-      k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(y, _mm512_set1_ps(m.edge[d]), _CMP_GE_OQ), k, one);
-    const __m512 offset = _mm512_mask_blend_ps(positive, _mm512_permutexvar_ps(k, above), _mm512_permutexvar_ps(k, below));
-    const __m512 t = _mm512_min_ps(_mm512_fmsub_ps(y, _mm512_permutexvar_ps(k, scales), offset), _mm512_set1_ps(256.0f));
-    __m512i n = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    n = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(n, _mm512_setzero_si512()), _mm512_permutexvar_epi32(k, bins)),
-                         _mm512_permutexvar_epi32(k, bases));
-    __m512i j;
-    if constexpr (Signed) {
-      __m512i mirrored = _mm512_sub_epi32(_mm512_set1_epi32(127), n);
-      mirrored = _mm512_mask_sub_epi32(mirrored, _mm512_cmp_ps_mask(y, _mm512_set1_ps(1.0f), _CMP_GE_OQ), mirrored, one);
-      mirrored = _mm512_mask_add_epi32(mirrored, _mm512_cmp_ps_mask(y, _mm512_set1_ps(map[128]), _CMP_GE_OQ), mirrored, one);
-      j = _mm512_mask_blend_epi32(positive, mirrored, _mm512_add_epi32(n, _mm512_set1_epi32(128)));
-    } else {
-      j = _mm512_mask_blend_epi32(positive, one, _mm512_add_epi32(n, one));
+    __m512i binade = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(y), 23), _mm512_set1_epi32(127 - 21));
+    binade = _mm512_min_epi32(_mm512_max_epi32(binade, zero), _mm512_set1_epi32(31));
+    __m512i k = _mm512_permutex2var_epi32(below_low, binade, below_high);
+    const __m512 inside = _mm512_permutex2var_ps(inside_low, binade, inside_high);
+    k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(y, inside, _CMP_GE_OQ), k, one);
+    // The midpoints at or below y; NaN and (in encode_codes) anything beyond the map to 256 (min's
+    // second operand where the first is NaN).
+    const __m512 t = _mm512_min_ps(_mm512_fmadd_ps(y, _mm512_permutexvar_ps(k, scales), _mm512_permutexvar_ps(k, shifts)),
+                                   _mm512_set1_ps(256.0f));
+    const __m512i n = _mm512_cvttps_epi32(t);  // not negative, so truncated as floored
+    // Signed, x <= 0: of the midpoints at or above -x, all but the smallest have their negative in the map.
+    const __m512i below_zero = Signed ? _mm512_min_epi32(_mm512_sub_epi32(_mm512_set1_epi32(127), n), _mm512_set1_epi32(126)) : zero;
+    __m512i lower = _mm512_mask_blend_epi32(positive, below_zero, Signed ? _mm512_add_epi32(n, _mm512_set1_epi32(127)) : n);
+    lower = _mm512_min_epi32(_mm512_max_epi32(lower, zero), last);
+    // Clamped to the map's range (NaN kept): its code is the same, and the checks then never move
+    // lower past the ends.
+    const __m512 z = _mm512_min_ps(last_value, _mm512_max_ps(first_value, x));
+    __m512 low, high;
+    for (;;) {
+      const __m512 first = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_castsi512_si256(lower), map, 4));
+      const __m512 second = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_extracti64x4_epi64(lower, 1), map, 4));
+      low = _mm512_permutex2var_ps(first, lows, second);
+      high = _mm512_permutex2var_ps(first, highs, second);
+      // z = low gives the same code from lower as from lower - 1.
+      const __mmask16 down = _mm512_cmp_ps_mask(z, low, _CMP_LT_OQ), up = _mm512_cmp_ps_mask(z, high, _CMP_GT_OQ);
+      if (__builtin_expect((down | up) == 0, 1)) break;
+      lower = _mm512_mask_add_epi32(_mm512_mask_sub_epi32(lower, down, lower, one), up, lower, one);
     }
-    j = _mm512_min_epi32(_mm512_max_epi32(_mm512_mask_blend_epi32(nan, j, top), one), top);
-    const __m512 compared = _mm512_i32gather_ps(j, map, 4);
-    // Up: x above map[j], whose upper neighbour is then the other one (but at the map's end).
-    const __mmask16 up = _mm512_cmp_ps_mask(compared, x, _CMP_LT_OQ) & _mm512_cmp_epi32_mask(j, top, _MM_CMPINT_LT);
-    const __m512i lower = _mm512_mask_blend_epi32(up, _mm512_sub_epi32(j, one), j);
-    const __m512 other = _mm512_i32gather_ps(_mm512_mask_blend_epi32(up, lower, _mm512_add_epi32(j, one)), map, 4);
-    const __m512 low = _mm512_mask_blend_ps(up, other, compared);
-    const __m512 high = _mm512_mask_blend_ps(up, compared, other);
-    const __m512 fraction = _mm512_div_ps(_mm512_sub_ps(x, low), _mm512_sub_ps(high, low));
     const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(noise + i)));
     const __m512 uniform = _mm512_mul_ps(_mm512_cvtepi32_ps(words), _mm512_set1_ps(0x1p-16f));
-    const __mmask16 round_up = _mm512_cmp_ps_mask(uniform, fraction, _CMP_LT_OQ);
+    const __mmask16 round_up =
+        _mm512_cmp_ps_mask(_mm512_mul_ps(uniform, _mm512_sub_ps(high, low)), _mm512_sub_ps(z, low), _CMP_LT_OQ);
     const __m512i code = _mm512_mask_add_epi32(lower, round_up, lower, one);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(code));
   }
 #elif defined(__AVX2__)
-  const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(255), zero = _mm256_setzero_si256();
-  const __m256 scales = _mm256_loadu_ps(m.scale), below = _mm256_loadu_ps(m.offset_below),
-               above = _mm256_loadu_ps(m.offset_above), divisors = _mm256_set1_ps(divisor);
-  const __m256i bins = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.bins)),
-                bases = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.base));
+  const __m256i zero = _mm256_setzero_si256(), last = _mm256_set1_epi32(254);
+  const __m256 scales = _mm256_loadu_ps(m.scale), shifts = _mm256_loadu_ps(m.shift),
+               prescales = _mm256_set1_ps(prescale), reciprocals = _mm256_set1_ps(reciprocal),
+               first_value = _mm256_set1_ps(map[0]), last_value = _mm256_set1_ps(map[255]);
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const auto blend = [](__m256i a, __m256i b, __m256 mask) {
-    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), mask));
-  };
+  // Elements 0, 1, 4, 5 then 2, 3, 6, 7: the order in which the shuffles of the pairs below
+  // leave them in 128-bit lanes.
+  const __m256i pair_order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  const long long* pairs = reinterpret_cast<const long long*>(map);
   for (; i + 8 <= count; i += 8) {
-    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(values + i), divisors);
-    // A true comparison is -1 in every bit: subtracting it adds one.
-    const __m256 positive = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ);
-    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    const __m256 x = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(values + i), prescales), reciprocals);
+    const __m256i positive = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NLE_UQ));
     const __m256 y = _mm256_and_ps(x, magnitude);
+    // A true comparison is -1 in every bit: subtracting it adds one.
     __m256i k = zero;
     for (int d = 1; d < kDecades; ++d)
       k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_set1_ps(m.edge[d]), _CMP_GE_OQ)));
-    const __m256 offset = _mm256_blendv_ps(_mm256_permutevar8x32_ps(above, k), _mm256_permutevar8x32_ps(below, k), positive);
-    const __m256 t = _mm256_min_ps(_mm256_fmsub_ps(y, _mm256_permutevar8x32_ps(scales, k), offset), _mm256_set1_ps(256.0f));
-    __m256i n = _mm256_cvttps_epi32(_mm256_floor_ps(t));
-    n = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(n, zero), _mm256_permutevar8x32_epi32(bins, k)),
-                         _mm256_permutevar8x32_epi32(bases, k));
-    __m256i j;
+    // Not negative, so truncated as floored.
+    const __m256 t = _mm256_min_ps(_mm256_fmadd_ps(y, _mm256_permutevar8x32_ps(scales, k), _mm256_permutevar8x32_ps(shifts, k)),
+                                   _mm256_set1_ps(256.0f));
+    const __m256i n = _mm256_cvttps_epi32(t);
+    __m256i lower;
     if constexpr (Signed) {
-      __m256i mirrored = _mm256_sub_epi32(_mm256_set1_epi32(127), n);
-      mirrored = _mm256_add_epi32(mirrored, _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_set1_ps(1.0f), _CMP_GE_OQ)));
-      mirrored = _mm256_sub_epi32(mirrored, _mm256_castps_si256(_mm256_cmp_ps(y, _mm256_set1_ps(map[128]), _CMP_GE_OQ)));
-      j = blend(mirrored, _mm256_add_epi32(n, _mm256_set1_epi32(128)), positive);
+      const __m256i below_zero = _mm256_min_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), n), _mm256_set1_epi32(126));
+      lower = _mm256_or_si256(_mm256_and_si256(positive, _mm256_add_epi32(n, _mm256_set1_epi32(127))),
+                              _mm256_andnot_si256(positive, below_zero));
     } else {
-      j = blend(one, _mm256_add_epi32(n, one), positive);
+      lower = _mm256_and_si256(positive, n);
     }
-    j = _mm256_min_epi32(_mm256_max_epi32(blend(j, top, nan), one), top);
-    const __m256 compared = _mm256_i32gather_ps(map, j, 4);
-    const __m256 up = _mm256_and_ps(_mm256_cmp_ps(compared, x, _CMP_LT_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(top, j)));
-    const __m256i lower = blend(_mm256_sub_epi32(j, one), j, up);
-    const __m256 other = _mm256_i32gather_ps(map, blend(lower, _mm256_add_epi32(j, one), up), 4);
-    const __m256 low = _mm256_blendv_ps(other, compared, up);
-    const __m256 high = _mm256_blendv_ps(compared, other, up);
-    const __m256 fraction = _mm256_div_ps(_mm256_sub_ps(x, low), _mm256_sub_ps(high, low));
+    lower = _mm256_min_epi32(_mm256_max_epi32(lower, zero), last);
+    const __m256 z = _mm256_min_ps(last_value, _mm256_max_ps(first_value, x));
+    __m256 low, high;
+    for (;;) {
+      const __m256i ordered = _mm256_permutevar8x32_epi32(lower, pair_order);
+      const __m256 first = _mm256_castsi256_ps(_mm256_i32gather_epi64(pairs, _mm256_castsi256_si128(ordered), 4));
+      const __m256 second = _mm256_castsi256_ps(_mm256_i32gather_epi64(pairs, _mm256_extracti128_si256(ordered, 1), 4));
+      low = _mm256_shuffle_ps(first, second, 0x88);
+      high = _mm256_shuffle_ps(first, second, 0xDD);
+      const __m256 down = _mm256_cmp_ps(z, low, _CMP_LT_OQ), up = _mm256_cmp_ps(z, high, _CMP_GT_OQ);
+      if (__builtin_expect(_mm256_movemask_ps(_mm256_or_ps(down, up)) == 0, 1)) break;
+      lower = _mm256_sub_epi32(_mm256_add_epi32(lower, _mm256_castps_si256(down)), _mm256_castps_si256(up));
+    }
     const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(noise + i)));
     const __m256 uniform = _mm256_mul_ps(_mm256_cvtepi32_ps(words), _mm256_set1_ps(0x1p-16f));
-    const __m256 round_up = _mm256_cmp_ps(uniform, fraction, _CMP_LT_OQ);
+    const __m256 round_up = _mm256_cmp_ps(_mm256_mul_ps(uniform, _mm256_sub_ps(high, low)), _mm256_sub_ps(z, low), _CMP_LT_OQ);
     const __m256i code = _mm256_sub_epi32(lower, _mm256_castps_si256(round_up));
     const __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(halves, halves));
   }
 #endif
   for (; i < count; ++i) {
-    const float x = values[i] / divisor;
+    const float x = values[i] * prescale * reciprocal;
     int32_t j = x != x ? 255 : estimate_count<Signed>(x, map);
     j += map[j] < x;
     const int32_t lower = std::min(std::max(j, 1), 255) - 1;
     const float low = map[lower];
-    const float fraction = (x - low) / (map[lower + 1] - low);
     // Through int32: AVX2 converts no unsigned integers.
-    codes[i] = uint8_t(lower + (float(int32_t(noise[i])) * 0x1p-16f < fraction));
+    codes[i] = uint8_t(lower + (float(int32_t(noise[i])) * 0x1p-16f * (map[lower + 1] - low) < x - low));
   }
 }
 
@@ -461,13 +506,22 @@ inline void encode_block(const float* __restrict values, int64_t count, float bl
   *absmax = block_absmax;
   alignas(64) uint16_t noise[kBlock];
   rounding_noise(seed, first, count, noise);
-  lookup_codes<Signed>(values, block_absmax > 0 ? block_absmax : 1.0f, noise, count, map, codes);
+  // Multiplied by the reciprocal of the absmax (quantize_blockwise): a block whose absmax lies
+  // outside [2^-126, 2^126) by 2^32 or 2^-32 first, so that the reciprocal is a normal float; the
+  // reciprocal rounded up where rounding to nearest fell below it, so that the largest magnitude
+  // scales to 1 or beyond and is encoded exactly.
+  const float prescale = block_absmax < 0x1p-126f ? 0x1p32f : block_absmax >= 0x1p126f ? 0x1p-32f : 1.0f;
+  const float divisor = block_absmax > 0 ? block_absmax * prescale : 1.0f;
+  float reciprocal = 1.0f / divisor;
+  if (divisor * reciprocal < 1.0f) reciprocal = bits_to_float(float_to_bits(reciprocal) + 1);
+  lookup_codes<Signed>(values, prescale, reciprocal, noise, count, map, codes);
 }
 
 // 8-bit state, a block at a time: decode, apply the rule, encode. square holds
 // sqrt(square_avg) (centered: sqrt(grad_variance)) with the unsigned map, the
-// others the signed map.
-template <typename S, unsigned B>
+// others the signed map. SharedRoot: the new root is the rule's sqrt(second moment + eps_inside)
+// (blockwise_step says when).
+template <typename S, unsigned B, bool SharedRoot>
 void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
   using C = ComputeType<S>;
   constexpr Variant V = variant_of(B);
@@ -494,14 +548,14 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
 #pragma omp simd reduction(max : v_largest, m_largest, b_largest)
     for (int64_t i = 0; i < count; ++i) {
       const C root = C(new_v[i]);
-      C vi = root * root, mi = 0, bi = 0;
+      C vi = root * root, mi = 0, bi = 0, new_root = 0;
       if constexpr (V.centered) {
         mi = C(new_m[i]);
         vi = vi + weight_before * (mi * mi);
       }
       if constexpr (V.momentum) bi = C(new_b[i]);
       C pi = widen(p[i]);
-      apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k);
+      apply_rule<C, V>(pi, widen(g[i]), vi, mi, bi, inverse_correction, k, &new_root);
       p[i] = narrow<S>(pi);
       if constexpr (V.centered) {
         vi = vi - weight_after * (mi * mi);
@@ -512,7 +566,8 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
         new_b[i] = float(bi);
         b_largest = std::max(b_largest, magnitude_bits(new_b[i]));
       }
-      new_v[i] = float(std::sqrt(clamp_to_zero(vi)));
+      if constexpr (!SharedRoot) new_root = std::sqrt(clamp_to_zero(vi));
+      new_v[i] = float(new_root);
       v_largest = std::max(v_largest, magnitude_bits(new_v[i]));
     }
     encode_block<false>(new_v, count, bits_to_float(v_largest), v_codes + first, e.square_absmax + block,
@@ -526,12 +581,28 @@ void blockwise_state_chunk(const Job& job, const Entry& e, int64_t start, int64_
   }
 }
 
+// Without centering, the new square_avg v is the rule's second moment where there is no bias
+// correction (its factor 1 exact); with eps outside the root (eps_inside 0: v + 0 is v but for
+// -0, whose code is 0 too) and alpha and 1 - alpha not negative (v then has no negative values
+// for the clamp to zero to change), the rule's root is the root to store, bit for bit.
+template <typename S, unsigned B>
+void blockwise_step(const Job& job, const Entry& e, int64_t start, int64_t end) {
+  constexpr Variant V = variant_of(B);
+  if constexpr (!V.centered) {
+    const Scalars& s = job.scalars;
+    using C = ComputeType<S>;
+    const bool shared = s.eps_inside == 0 && C(s.alpha) >= 0 && C(s.rate) >= 0 && (V.plain || C(e.inverse_correction) == 1);
+    if (shared) return blockwise_state_chunk<S, B, true>(job, e, start, end);
+  }
+  blockwise_state_chunk<S, B, false>(job, e, start, end);
+}
+
 // The codes of values already divided by their block's absmax, with given noise, as the 8-bit
 // encoding finds them (tests compare them with the reference's).
 inline void encode_codes(bool is_signed, const float* scaled, const uint16_t* noise, int64_t count, const float* map,
                          uint8_t* codes) {
-  if (is_signed) lookup_codes<true>(scaled, 1.0f, noise, count, map, codes);
-  else lookup_codes<false>(scaled, 1.0f, noise, count, map, codes);
+  if (is_signed) lookup_codes<true>(scaled, 1.0f, 1.0f, noise, count, map, codes);
+  else lookup_codes<false>(scaled, 1.0f, 1.0f, noise, count, map, codes);
 }
 
 template <Storage S, Format F, unsigned B>
@@ -540,7 +611,7 @@ void step_chunk(const Job& job, const Entry& e, int64_t start, int64_t end) {
   if constexpr (F == Format::Same) plain_state_chunk<T, T, B>(job, e, start, end);
   else if constexpr (F == Format::Float32) plain_state_chunk<T, float, B>(job, e, start, end);
   else if constexpr (F == Format::BFloat16) bfloat16_state_chunk<T, B>(job, e, start, end);
-  else blockwise_state_chunk<T, B>(job, e, start, end);
+  else blockwise_step<T, B>(job, e, start, end);
 }
 
 template <Storage S, Format F, unsigned B>

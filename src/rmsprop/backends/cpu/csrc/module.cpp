@@ -889,18 +889,18 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     if (group.precision != Precision::Full && PyDict_GET_SIZE(param_state) != entries)
       return refuse(i, "its state holds entries the group's format and settings do not use");
 
+    // The state tensor of slot k: the object checked last time, or checked against `like` now
+    // (1 fits, 0 not, -1 error).
+    const auto slot_fits = [&](int k, const Shape& like) {
+      const int kept = trusted ? unchanged(trusted, k, found[k], addresses[k]) : 0;
+      return kept != 0 ? kept : fits(found[k], like, addresses[k]);
+    };
     const Shape buffer_like{buffer_dtype(format, dtype), shape, complex && format == Format::Same};
     for (int k = kSquare; k <= kMomentum; ++k) {
-      if (!used[k]) continue;
-      const int kept = trusted ? unchanged(trusted, k, found[k], addresses[k]) : 0;
-      if (kept < 0) return nullptr;
-      if (kept) continue;
-      if ((ok = fits(found[k], buffer_like, addresses[k])) < 0) return nullptr;
-      if (ok == 0) {
-        PyObject* expected = buffer_like.dtype;
-        return PyUnicode_FromFormat("parameter %zd: its %R is not a contiguous CPU tensor of the parameter's shape and %S",
-                                    i, slot_keys[k], expected);
-      }
+      if (!used[k] || (ok = slot_fits(k, buffer_like)) == 1) continue;
+      if (ok < 0) return nullptr;
+      return PyUnicode_FromFormat("parameter %zd: its %R is not a contiguous CPU tensor of the parameter's shape and %S",
+                                  i, slot_keys[k], buffer_like.dtype);
     }
     if (blockwise) {
       PyObject* blocks = Py_BuildValue("(L)", (numel + kBlock - 1) / kBlock);
@@ -908,14 +908,10 @@ PyObject* gather_group(PyObject*, PyObject* args) {
       std::unique_ptr<PyObject, void (*)(PyObject*)> blocks_owner(blocks, [](PyObject* o) { Py_DECREF(o); });
       const Shape absmax_like{torch_objects.float32, blocks, false};
       for (int k = kSquareAbsmax; k <= kMomentumAbsmax; ++k) {
-        if (!used[k]) continue;
-        const int kept = trusted ? unchanged(trusted, k, found[k], addresses[k]) : 0;
-        if (kept < 0) return nullptr;
-        if (kept) continue;
-        if ((ok = fits(found[k], absmax_like, addresses[k])) < 0) return nullptr;
-        if (ok == 0)
-          return PyUnicode_FromFormat("parameter %zd: its %R is not a contiguous CPU float32 tensor of one value per block",
-                                      i, slot_keys[k]);
+        if (!used[k] || (ok = slot_fits(k, absmax_like)) == 1) continue;
+        if (ok < 0) return nullptr;
+        return PyUnicode_FromFormat("parameter %zd: its %R is not a contiguous CPU float32 tensor of one value per block",
+                                    i, slot_keys[k]);
       }
     }
     PyObject* step = found[kStep];

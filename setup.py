@@ -7,8 +7,6 @@ compiler the package still installs and steps with torch's paths (rmsprop.backen
 """
 
 import importlib.util
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -25,10 +23,7 @@ class BuildKernel(build_ext):
     """Compiles each translation unit with its instruction set's flags."""
 
     def build_extension(self, extension: Extension) -> None:
-        units = {kernel_build.MODULE_SOURCE: [], **kernel_build.INSTRUCTION_SET_FLAGS}
-
-        def compile_unit(unit: tuple[str, list[str]]) -> list[str]:
-            name, flags = unit
+        def compile_unit(name: str, flags: list[str]) -> list[str]:
             return self.compiler.compile(
                 [str(SOURCES / name)],
                 output_dir=self.build_temp,
@@ -36,10 +31,7 @@ class BuildKernel(build_ext):
                 extra_postargs=kernel_build.COMMON_FLAGS + flags,
             )
 
-        # The units are independent: compiled side by side, one per core.
-        chosen = [(name, flags) for name, flags in units.items() if flags is not None]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            objects = [path for paths in pool.map(compile_unit, chosen) for path in paths]
+        objects = kernel_build.compile_units(compile_unit)
         extension.sources = []
         extension.extra_objects = objects
         extension.extra_link_args = ["-lstdc++", "-lpthread"]

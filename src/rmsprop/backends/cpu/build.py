@@ -14,10 +14,11 @@ import shlex
 import subprocess
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["COMMON_FLAGS", "INSTRUCTION_SET_FLAGS", "MODULE_SOURCE", "SOURCE_DIRECTORY", "build", "source_digest"]
+__all__ = ["COMMON_FLAGS", "INSTRUCTION_SET_FLAGS", "MODULE_SOURCE", "SOURCE_DIRECTORY", "build", "compile_units", "source_digest"]
 
 SOURCE_DIRECTORY = Path(__file__).with_name("csrc")
 MODULE_SOURCE = "module.cpp"
@@ -45,6 +46,16 @@ def source_digest() -> str:
     return hashlib.sha256("\n".join(description).encode()).hexdigest()[:12]
 
 
+def compile_units(compile_unit: Callable[[str, list[str]], list[str]]) -> list[str]:
+    """The object files of every translation unit this machine builds: ``compile_unit(name, flags)``
+    compiles one (a file of :data:`SOURCE_DIRECTORY`, with its flags after :data:`COMMON_FLAGS`) and
+    returns its objects. The units are independent: compiled side by side, one per core."""
+    units = {MODULE_SOURCE: [], **{name: flags for name, flags in INSTRUCTION_SET_FLAGS.items() if flags is not None}}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        compiled = pool.map(lambda unit: compile_unit(*unit), units.items())
+        return [path for paths in compiled for path in paths]
+
+
 def build(directory: Path) -> Path:
     """Compile the kernel into ``directory`` with the C++ compiler of ``CXX`` (default ``c++``); its path.
 
@@ -55,15 +66,13 @@ def build(directory: Path) -> Path:
     include = ["-I", sysconfig.get_paths()["include"], "-I", str(SOURCE_DIRECTORY)]
     target = directory / f"_cpu_kernel{sysconfig.get_config_var('EXT_SUFFIX')}"
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        units = {MODULE_SOURCE: [], **{name: flags for name, flags in INSTRUCTION_SET_FLAGS.items() if flags is not None}}
-        objects = [str(Path(scratch) / (name + ".o")) for name in units]
-        commands = [
-            [*compiler, *COMMON_FLAGS, *flags, *include, "-c", str(SOURCE_DIRECTORY / name), "-o", output]
-            for (name, flags), output in zip(units.items(), objects, strict=True)
-        ]
-        # The units are independent: compiled side by side, one per core.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(pool.map(_run, commands))
+
+        def compile_unit(name: str, flags: list[str]) -> list[str]:
+            output = str(Path(scratch) / (name + ".o"))
+            _run([*compiler, *COMMON_FLAGS, *flags, *include, "-c", str(SOURCE_DIRECTORY / name), "-o", output])
+            return [output]
+
+        objects = compile_units(compile_unit)
         partial = Path(scratch) / target.name
         _run([*compiler, "-shared", *objects, "-o", str(partial), "-lpthread"])
         # Renamed into place, so that a process never loads a half-written library.

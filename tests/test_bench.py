@@ -68,8 +68,16 @@ def test_quick_bench_prints_a_table_and_writes_json(tmp_path, capsys):
         full = case["results"][0]
         assert full["times_full"] == 1.0 and full["bytes_ratio"] == 1.0
         assert all(result["bytes_ratio"] < 1 for result in case["results"][1:])
+        # Each format against its own memory bound, measured in the same rounds.
+        assert full["times_own_bound"] == full["times_bound"] and full["own_bound_ms"] == case["bound_ms"]
+        for result in case["results"]:
+            fmt = "8bit" if result["implementation"] == "bitsandbytes RMSprop8bit" else result["implementation"]
+            bounds = case["own_bound_times_ms"][fmt]
+            ratios = [ms / bound for ms, bound in zip(result["times_ms"], bounds, strict=True)]
+            assert result["times_own_bound"] == sorted(ratios)[1]
+            assert result["own_bound_ms"] == sorted(bounds)[1]
     assert len(precision_rows) == 1 + sum(len(case["results"]) for case in report["state_precision"])
-    assert all(row.endswith(("| met |", "| not met |")) for row in precision_rows[1:])
+    assert all(row.endswith(("| met |", "| not met |", "| out of reach |")) for row in precision_rows[1:])
 
 
 def test_bench_cases_count_the_bytes_a_one_pass_step_moves():

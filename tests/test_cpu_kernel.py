@@ -453,3 +453,47 @@ def test_steps_from_two_python_threads_at_once_equal_steps_one_after_the_other()
 
     for concurrent, serial in zip(trained(True), trained(False), strict=True):
         assert torch.equal(concurrent, serial)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("buffers", [1, 2, 3])
+def test_the_traffic_loop_of_the_bound_moves_every_element_of_every_buffer_in_its_own_width(state_dtype, buffers):
+    """The benchmark's bound reads each gradient and reads and writes back each element of the
+    params and buffers: with finite gradients nothing changes, and where a gradient is NaN each of
+    them is written (float32: NaN; 2- and 1-byte state: its bits one more); memory past the tensors
+    stays as it was."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1, 300, (1 << 16) + 17, 1 << 17]  # a chunk's edge crossed, the pool woken for the large ones
+    padding = 64
+
+    def padded(size: int, dtype: torch.dtype) -> torch.Tensor:
+        if dtype.is_floating_point:
+            return torch.randn(size + padding, generator=generator).to(dtype)
+        return torch.randint(0, 255, (size + padding,), generator=generator, dtype=dtype)
+
+    params, grads = ([padded(size, torch.float32) for size in sizes] for _ in range(2))
+    state = [[padded(size, state_dtype) for size in sizes] for _ in range(buffers)]
+    marked = [torch.tensor(sorted({0, size // 2, size - 1})) for size in sizes]
+    for grad, where in zip(grads, marked, strict=True):
+        grad[where] = float("nan")
+    before = [[t.clone() for t in kind] for kind in (params, *state)]
+    cut = [[t[:size] for t, size in zip(kind, sizes, strict=True)] for kind in (params, grads, *state)]
+    cpu_kernel.stream_step_traffic(*cut, *[[]] * (3 - buffers))
+    for kind, old in zip((params, *state), before, strict=True):
+        for t, o, where in zip(kind, old, marked, strict=True):
+            if t.dtype == torch.float32:
+                expected = o.clone()
+                expected[where] = float("nan")
+                assert torch.equal(t.isnan(), expected.isnan())
+                assert torch.equal(t.nan_to_num(), expected.nan_to_num())
+            else:  # 2- and 1-byte state moves as integers
+                bits, old_bits = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x for x in (t, o))
+                expected = old_bits.clone()
+                expected[where] += 1
+                assert torch.equal(bits, expected)
+
+
+def test_the_traffic_loop_refuses_a_state_width_it_does_not_move():
+    params = [torch.zeros(8)]
+    with pytest.raises(ValueError, match="state_bytes must be 4, 2 or 1, not 8"):
+        cpu_kernel.stream_step_traffic(params, [torch.zeros(8)], [torch.zeros(8, dtype=torch.float64)], [], [])

@@ -320,12 +320,16 @@ def run(plan: object, hp: Hyperparameters) -> None:
 def stream_step_traffic(
     params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor], momentum_buffers: list[Tensor]
 ) -> None:
-    """The memory traffic of a step over float32 tensors and nothing else (the benchmark's bound);
-    empty ``grad_avgs`` / ``momentum_buffers`` for a step without them."""
+    """The memory traffic of a step and nothing else (the benchmark's bound), in one pass: reads
+    ``grads``, reads and writes ``params`` and each buffer. Parameters and gradients are float32;
+    each parameter's buffers are float32, or 2- or 1-byte elements (bfloat16 or 8-bit state), one per
+    parameter element. Empty ``grad_avgs`` / ``momentum_buffers`` for a step without them."""
     sizes = np.fromiter(map(Tensor.numel, params), np.int64, len(params))
+    state_bytes = np.fromiter(map(Tensor.element_size, square_avgs), np.int64, len(square_avgs))
     zeros = np.zeros(len(params), np.int64)
     _required().stream_step_traffic(
         sizes,
+        state_bytes,
         _addresses(params),
         _addresses(grads),
         _addresses(square_avgs),

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "kernel.h"
@@ -387,48 +388,82 @@ PyObject* encode_codes(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// The memory traffic of a float32 step and nothing else (the benchmark's bound):
-// reads the gradient, reads and writes back the parameter and each buffer.
-// Adding g - g keeps finite values but cannot be optimised away without fast-math.
+// The memory traffic of a step and nothing else (the benchmark's bound), in one pass as the
+// step makes it: reads the gradient, reads and writes back the parameter and each buffer present.
+// Parameters and gradients are float32 (a 16-bit tensor's bytes as half as many floats); state
+// elements are float32, or 2 or 1 bytes (bfloat16 or 8-bit codes) beside float32 parameters.
+// Adding g - g keeps finite values but cannot be optimised away without fast-math; integer state
+// adds whether it is NaN, which is 0 for the finite gradients the benchmark moves.
+template <typename S>
+inline S nothing_as(float nothing) {
+  if constexpr (std::is_same_v<S, float>) return nothing;
+  else return S(nothing != nothing);
+}
+
+template <typename S, bool CenteredAverage, bool Momentum>
+void traffic_chunk(const Entry& e, int64_t start, int64_t end) {
+  float* __restrict p = static_cast<float*>(e.param) + start;
+  const float* __restrict g = static_cast<const float*>(e.grad) + start;
+  S* __restrict v = static_cast<S*>(e.square) + start;
+  S* __restrict m = CenteredAverage ? static_cast<S*>(e.grad_avg) + start : nullptr;
+  S* __restrict b = Momentum ? static_cast<S*>(e.momentum) + start : nullptr;
+  const int64_t n = end - start;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float nothing = g[i] - g[i];
+    p[i] += nothing;
+    v[i] += nothing_as<S>(nothing);
+    if constexpr (CenteredAverage) m[i] += nothing_as<S>(nothing);
+    if constexpr (Momentum) b[i] += nothing_as<S>(nothing);
+  }
+}
+
+template <typename S>
+void traffic_of(const Entry& e, int64_t start, int64_t end) {
+  if (e.grad_avg && e.momentum) traffic_chunk<S, true, true>(e, start, end);
+  else if (e.grad_avg) traffic_chunk<S, true, false>(e, start, end);
+  else if (e.momentum) traffic_chunk<S, false, true>(e, start, end);
+  else traffic_chunk<S, false, false>(e, start, end);
+}
+
+// stream_step_traffic(sizes, state_bytes, params, grads, squares, grad_avgs, momenta, threads):
+// int64 arrays, one value per tensor (state_bytes: 4, 2 or 1; addresses 0 where a buffer is absent).
 PyObject* stream_step_traffic(PyObject*, PyObject* args) {
-  PyObject *sizes_object, *lists[5];
+  PyObject *sizes_object, *widths_object, *lists[5];
   int threads;
-  if (!PyArg_ParseTuple(args, "OOOOOOi", &sizes_object, &lists[0], &lists[1], &lists[2], &lists[3], &lists[4], &threads))
+  if (!PyArg_ParseTuple(args, "OOOOOOOi", &sizes_object, &widths_object, &lists[0], &lists[1], &lists[2], &lists[3],
+                        &lists[4], &threads))
     return nullptr;
   Py_buffer sizes_view;
   if (PyObject_GetBuffer(sizes_object, &sizes_view, PyBUF_C_CONTIGUOUS) != 0) return nullptr;
   const Py_ssize_t count = sizes_view.len / 8;
   PyBuffer_Release(&sizes_view);
-  Int64s sizes, views[5];
-  if (!sizes.open(sizes_object, count, "sizes")) return nullptr;
+  Int64s sizes, widths, views[5];
+  if (!sizes.open(sizes_object, count, "sizes") || !widths.open(widths_object, count, "state_bytes")) return nullptr;
   for (int k = 0; k < 5; ++k)
     if (!views[k].open(lists[k], count, "addresses")) return nullptr;
   std::vector<Entry> entries(count);
-  for (Py_ssize_t i = 0; i < count; ++i)
+  std::vector<int64_t> state_bytes(count);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    state_bytes[i] = widths[i];
+    if (state_bytes[i] != 4 && state_bytes[i] != 2 && state_bytes[i] != 1) {
+      PyErr_Format(PyExc_ValueError, "state_bytes must be 4, 2 or 1, not %lld", static_cast<long long>(state_bytes[i]));
+      return nullptr;
+    }
     entries[i] = Entry{sizes[i], views[0].address(i), views[1].address(i), views[2].address(i), views[3].address(i),
                        views[4].address(i), nullptr, nullptr, nullptr, 0, 0, 0, {0, 0, 0}};
+  }
   Py_BEGIN_ALLOW_THREADS;
-  for_each_chunk(entries, threads, [](const Entry& e, int64_t start, int64_t end) {
-    float* __restrict p = static_cast<float*>(e.param) + start;
-    const float* __restrict g = static_cast<const float*>(e.grad) + start;
-    float* __restrict v = static_cast<float*>(e.square) + start;
-    float* __restrict m = e.grad_avg ? static_cast<float*>(e.grad_avg) + start : nullptr;
-    float* __restrict b = e.momentum ? static_cast<float*>(e.momentum) + start : nullptr;
-    const int64_t n = end - start;
-    for (int64_t i = 0; i < n; ++i) {
-      const float nothing = g[i] - g[i];
-      p[i] += nothing;
-      v[i] += nothing;
+  for_each_chunk(entries, threads, [&](const Entry& e, int64_t start, int64_t end) {
+    switch (state_bytes[&e - entries.data()]) {
+      case 4: return traffic_of<float>(e, start, end);
+      case 2: return traffic_of<uint16_t>(e, start, end);
+      default: return traffic_of<uint8_t>(e, start, end);
     }
-    if (m)
-      for (int64_t i = 0; i < n; ++i) m[i] += g[i] - g[i];
-    if (b)
-      for (int64_t i = 0; i < n; ++i) b[i] += g[i] - g[i];
   });
   Py_END_ALLOW_THREADS;
   Py_RETURN_NONE;
 }
-
 
 // --- gathering a group from the optimizer's state -------------------------------
 
@@ -1058,7 +1093,7 @@ PyMethodDef methods[] = {
     {"run_plan", run_plan, METH_VARARGS, "Increment the steps and apply the rule to every tensor of a Plan."},
     {"set_maps", set_maps, METH_VARARGS, "Copy the signed and unsigned maps (8-bit state)."},
     {"encode_codes", encode_codes, METH_VARARGS, "The 8-bit encoding's codes of scaled values with given noise."},
-    {"stream_step_traffic", stream_step_traffic, METH_VARARGS, "The memory traffic of a float32 step, nothing else."},
+    {"stream_step_traffic", stream_step_traffic, METH_VARARGS, "The memory traffic of a step, nothing else."},
     {"compiled_instruction_sets", compiled_instruction_sets, METH_NOARGS, "The instruction sets built in, best first."},
     {"available_instruction_sets", available_instruction_sets, METH_NOARGS,
      "The instruction sets built in that this CPU runs, best first."},

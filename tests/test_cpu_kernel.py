@@ -307,6 +307,29 @@ def test_gather_group_declines_what_it_cannot_step_and_says_why(change, reason):
     assert isinstance(declined, str) and declined.startswith(reason), declined
 
 
+def test_a_gradient_accumulated_in_place_is_taken_and_stepped_with_its_new_values():
+    """backward accumulates into the gradient it left (its version moves, its address stays): the
+    gather takes it again and the step reads its new values, as with a new gradient tensor."""
+    generator = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(5, 7, generator=generator) for _ in range(2)] for _ in range(4)]
+    kept = [torch.nn.Parameter(torch.ones(5, 7)) for _ in range(2)]
+    fresh = [torch.nn.Parameter(torch.ones(5, 7)) for _ in range(2)]
+    kept_optimizer, fresh_optimizer = RMSprop(kept, lr=0.01, momentum=0.5), RMSprop(fresh, lr=0.01, momentum=0.5)
+    for step, values in enumerate(grads):
+        for p, q, g in zip(kept, fresh, values, strict=True):
+            if step == 0:
+                p.grad = g.clone()
+            else:
+                p.grad.mul_(0).add_(g)
+            q.grad = g.clone()
+        if step > 1:
+            assert not isinstance(cpu_kernel.gather_group(kept_optimizer, 0), str)
+        kept_optimizer.step()
+        fresh_optimizer.step()
+    for p, q in zip(kept, fresh, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_gather_group_declines_a_tensor_subclass():
     class Tagged(torch.Tensor):
         pass

@@ -130,23 +130,38 @@ void after_fork_in_child() { pool = new Pool; }
 // Below this many elements a step stays on the calling thread: waking the pool costs more.
 constexpr int64_t kElementsPerThread = 1 << 15;
 
+// Elements a thread claims at least at a time: runs of consecutive chunks, so that a step over
+// many small tensors does not contend for the counter once per tensor.
+constexpr int64_t kElementsPerClaim = 1 << 14;
+
 // Runs chunk(entry, start, end) over every chunk of every entry, spread over up to `threads` threads.
 void for_each_chunk(const std::vector<Entry>& entries, int threads,
                     const std::function<void(const Entry&, int64_t, int64_t)>& chunk) {
-  std::vector<std::pair<int64_t, int64_t>> chunks;  // (entry, first element)
-  int64_t total = 0;
-  for (size_t e = 0; e < entries.size(); ++e) {
-    total += entries[e].size;
-    for (int64_t start = 0; start < entries[e].size; start += kChunk) chunks.emplace_back(int64_t(e), start);
+  struct Chunk {
+    const Entry* entry;
+    int64_t start, end;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<size_t> claim_ends;  // one past the last chunk of each claim
+  int64_t total = 0, claimed = 0;
+  for (const Entry& entry : entries) {
+    total += entry.size;
+    for (int64_t start = 0; start < entry.size; start += kChunk) {
+      chunks.push_back({&entry, start, std::min(start + kChunk, entry.size)});
+      claimed += chunks.back().end - start;
+      if (claimed >= kElementsPerClaim) {
+        claim_ends.push_back(chunks.size());
+        claimed = 0;
+      }
+    }
   }
-  const int64_t useful = std::max<int64_t>(1, std::min<int64_t>(int64_t(chunks.size()), total / kElementsPerThread));
+  if (claimed > 0) claim_ends.push_back(chunks.size());
+  const int64_t useful = std::max<int64_t>(1, std::min<int64_t>(int64_t(claim_ends.size()), total / kElementsPerThread));
   std::atomic<size_t> next{0};
   const std::function<void()> task = [&] {
-    for (size_t c = next++; c < chunks.size(); c = next++) {
-      const Entry& entry = entries[chunks[c].first];
-      const int64_t start = chunks[c].second;
-      chunk(entry, start, std::min(start + kChunk, entry.size));
-    }
+    for (size_t claim = next++; claim < claim_ends.size(); claim = next++)
+      for (size_t c = claim == 0 ? 0 : claim_ends[claim - 1]; c < claim_ends[claim]; ++c)
+        chunk(*chunks[c].entry, chunks[c].start, chunks[c].end);
   };
   pool->run(int(std::min<int64_t>(threads, useful)), task);
 }
@@ -681,8 +696,9 @@ struct Checked {
   long long numel = 0;
   bool step_is_double = false;
   // The gradient, by a weak reference: holding it would keep the memory of a gradient that
-  // zero_grad() set to None. Trusted while it is the same object at the same address with
-  // the same version (torch bumps it at every in-place change, of values or of shape and strides).
+  // zero_grad() set to None. Trusted while it is the same object at the same address: as it
+  // was at the same version (torch bumps it at every in-place change, of values or of shape and
+  // strides), and with its shape and strides checked again at another (kept_grad).
   PyObject* grad = nullptr;  // weak reference (owned)
   void* grad_address = nullptr;
   long long grad_version = 0;
@@ -774,11 +790,21 @@ bool refers_to(PyObject* reference, PyObject* object) {
 #endif
 }
 
-// Whether grad, at version, is the gradient checked last time, unchanged since (-1: error).
-int unchanged_grad(const Checked* c, PyObject* grad, long long version, void*& address) {
-  if (c == nullptr || c->grad == nullptr || version != c->grad_version || !refers_to(c->grad, grad)) return 0;
+// Whether grad, at version, is the gradient checked last time, at the same address, and still
+// fits `like` (-1: error). Changed in place since (its version moved, as when backward
+// accumulates into it), only what an in-place change can alter is checked again: its shape and
+// strides (resize_, as_strided_); its dtype, device, layout and negation stay with the object.
+int kept_grad(const Checked* c, PyObject* grad, long long version, const Shape& like, void*& address) {
+  if (c == nullptr || c->grad == nullptr || !refers_to(c->grad, grad)) return 0;
   if (!address_of(grad, address)) return -1;
-  return address == c->grad_address;
+  if (address != c->grad_address) return 0;
+  if (version == c->grad_version) return 1;
+  PyObject* shape = shape_of(grad);
+  if (shape == nullptr) return -1;
+  const int same_shape = PyObject_RichCompareBool(shape, like.shape, Py_EQ);
+  Py_DECREF(shape);
+  if (same_shape != 1) return same_shape;
+  return truth(grad, is_contiguous_of);
 }
 
 // The dtype a buffer of this format is stored in, for a param of dtype.
@@ -897,9 +923,9 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     void* grad_ptr = nullptr;
     long long grad_version = 0;
     if (!integer_of(grad, version_of, grad_version)) return nullptr;
-    const int kept_grad = trusted ? unchanged_grad(trusted, grad, grad_version, grad_ptr) : 0;
-    if (kept_grad < 0) return nullptr;
-    if (!kept_grad && (ok = fits(grad, like, grad_ptr)) != 1) {
+    const int kept = trusted ? kept_grad(trusted, grad, grad_version, like, grad_ptr) : 0;
+    if (kept < 0) return nullptr;
+    if (!kept && (ok = fits(grad, like, grad_ptr)) != 1) {
       if (ok < 0) return nullptr;
       return refuse(i, "its gradient is not a contiguous CPU tensor of the parameter's dtype and shape");
     }

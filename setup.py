@@ -34,7 +34,7 @@ class BuildKernel(build_ext):
         objects = kernel_build.compile_units(compile_unit)
         extension.sources = []
         extension.extra_objects = objects
-        extension.extra_link_args = ["-lstdc++", "-lpthread"]
+        extension.extra_link_args = ["-lstdc++", "-lpthread", "-ldl"]
         super().build_extension(extension)
 
 

@@ -24,7 +24,7 @@ import torch
 from rmsprop import RMSprop
 from rmsprop.backends.cpu import kernel as cpu_kernel
 from rmsprop.formats.maps import SIGNED_MAP, UNSIGNED_MAP
-from fused_checks import make_gradients, make_params, run_steps, square_rooting, state_tensors
+from fused_checks import LRS, make_gradients, make_params, run_steps, square_rooting, state_tensors
 
 pytestmark = pytest.mark.skipif(cpu_kernel.kernel() is None, reason="the CPU kernel is not built")
 
@@ -57,6 +57,52 @@ def test_an_unknown_instruction_set_is_refused_with_the_variable_named():
     result = _chosen_in_a_fresh_process("sse9")
     assert result.returncode != 0
     assert "RMSPROP_CPU_ISA='sse9': unknown instruction set 'sse9' (avx512, avx2 or portable)" in result.stderr
+
+
+TORCH_ON_OPENMP = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def _threads_in_a_fresh_process(value: str) -> subprocess.CompletedProcess:
+    code = "from rmsprop.backends.cpu import kernel as cpu_kernel; print(cpu_kernel.threads())"
+    environment = {**os.environ, cpu_kernel.THREADS_VARIABLE: value}
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
+
+
+def test_steps_run_on_torchs_openmp_team_where_torch_runs_on_openmp():
+    expected = "torch's OpenMP team" if TORCH_ON_OPENMP else "the kernel's own"
+    assert os.environ.get(cpu_kernel.THREADS_VARIABLE) or cpu_kernel.threads() == expected
+    assert f"threads: {cpu_kernel.threads()}" in cpu_kernel.describe()
+
+
+def test_the_environment_variable_keeps_the_kernels_own_threads():
+    result = _threads_in_a_fresh_process("own")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "the kernel's own"
+    refused = _threads_in_a_fresh_process("many")
+    assert refused.returncode != 0
+    assert "RMSPROP_CPU_THREADS='many': expected 'torch' or 'own'" in refused.stderr
+
+
+def _trained_on(threads_of: str | None) -> list[torch.Tensor]:
+    """Params after steps on torch's OpenMP team (its library's path) or the kernel's own threads (None)."""
+    extension = cpu_kernel.kernel()
+    was_openmp = extension.uses_openmp()
+    library = cpu_kernel._torch_openmp_library()
+    try:
+        extension.use_openmp(None if threads_of is None else str(library))
+        params = make_params(torch.float32, [(300_001,), (70_000,), (5,)], seed=4)
+        optimizer = RMSprop(params, momentum=0.9, centered=True)
+        run_steps(optimizer, params, make_gradients(params, len(LRS)), torch.float32)
+        return [p.detach() for p in params]
+    finally:
+        extension.use_openmp(str(library) if was_openmp else None)
+
+
+@pytest.mark.skipif(not TORCH_ON_OPENMP, reason="torch does not run on OpenMP here")
+def test_torchs_openmp_team_and_the_kernels_own_threads_give_the_same_bits():
+    with torch.no_grad():
+        for openmp, own in zip(_trained_on("openmp"), _trained_on(None), strict=True):
+            assert torch.equal(openmp, own)
 
 
 def test_select_instruction_set_refuses_an_unknown_name():

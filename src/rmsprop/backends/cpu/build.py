@@ -74,7 +74,7 @@ def build(directory: Path) -> Path:
 
         objects = compile_units(compile_unit)
         partial = Path(scratch) / target.name
-        _run([*compiler, "-shared", *objects, "-o", str(partial), "-lpthread"])
+        _run([*compiler, "-shared", *objects, "-o", str(partial), "-lpthread", "-ldl"])
         # Renamed into place, so that a process never loads a half-written library.
         os.replace(partial, target)
     return target

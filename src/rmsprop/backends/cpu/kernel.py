@@ -7,6 +7,12 @@ any CPU, and runs the best one this CPU has; the environment variable
 ``RMSPROP_CPU_ISA`` (``avx512``, ``avx2`` or ``portable``) or
 :func:`select_instruction_set` picks another.
 
+A step's work is spread over ``torch.get_num_threads()`` threads: torch's own OpenMP team where
+torch runs its operations on OpenMP (its CPU wheels do), so that a step right after backward
+finds those threads awake instead of sharing the cores with them while they wait for more work;
+the kernel's own threads elsewhere, in a forked child, or where the environment variable
+``RMSPROP_CPU_THREADS`` is ``own``. :func:`threads` says which.
+
 Where it is not built (no compiler at install), :func:`problem` says why,
 the fused path declines CPU tensors, and the optimizer steps them with
 torch's foreach or for-loop paths, after one warning.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import sys
 import sysconfig
 import warnings
 import weakref
@@ -52,9 +59,11 @@ __all__ = [
     "step",
     "step_encoded",
     "stream_step_traffic",
+    "threads",
 ]
 
 INSTRUCTION_SET_VARIABLE = "RMSPROP_CPU_ISA"
+THREADS_VARIABLE = "RMSPROP_CPU_THREADS"
 
 # Codes of the extension's Storage and Format enums (backends/cpu/csrc/kernel.h).
 _STORAGES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -105,7 +114,22 @@ def _load_extension() -> tuple[ModuleType | None, str]:
         torch.complex64, torch.complex128, torch.uint8,
     )
     module.set_maps(SIGNED_MAP.numpy(), UNSIGNED_MAP.numpy())
+    threads_wanted = os.environ.get(THREADS_VARIABLE, "torch")
+    if threads_wanted not in ("torch", "own"):
+        raise ValueError(f"{THREADS_VARIABLE}={threads_wanted!r}: expected 'torch' or 'own'")
+    openmp = _torch_openmp_library()
+    if threads_wanted == "torch" and openmp is not None:
+        module.use_openmp(str(openmp))
     return module, origin
+
+
+def _torch_openmp_library() -> Path | None:
+    """torch's CPU library, where torch runs its operations on OpenMP: the kernel finds the
+    OpenMP runtime among its dependencies."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    library = Path(torch.__file__).parent / "lib" / f"libtorch_cpu{'.dylib' if sys.platform == 'darwin' else '.so'}"
+    return library if library.exists() else None
 
 
 @cache
@@ -152,8 +176,13 @@ def describe() -> str:
         return text
     return (
         f"fused CPU kernel {text}; instruction set {module.selected_instruction_set()} "
-        f"(this CPU runs: {', '.join(module.available_instruction_sets())})"
+        f"(this CPU runs: {', '.join(module.available_instruction_sets())}); threads: {threads()}"
     )
+
+
+def threads() -> str:
+    """Whose threads a step runs on: ``"torch's OpenMP team"`` or ``"the kernel's own"``."""
+    return "torch's OpenMP team" if _required().uses_openmp() else "the kernel's own"
 
 
 def build() -> Path:

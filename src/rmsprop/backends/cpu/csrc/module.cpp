@@ -10,6 +10,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <algorithm>
@@ -123,9 +124,30 @@ class Pool {
 
 Pool* pool = new Pool;
 
+// torch's OpenMP runtime, where use_openmp found it: a step then runs on the team of threads
+// torch's own operations run on. After one of them (backward, say), those threads spin-wait for
+// a while on the cores; a pool of our own would share the cores with them.
+using ParallelFunction = void (*)(void (*)(void*), void*, unsigned, unsigned);  // libgomp's GOMP_parallel
+ParallelFunction openmp_parallel = nullptr;
+
+void run_task(void* task) { (*static_cast<const std::function<void()>*>(task))(); }
+
+// Runs task on `threads` threads at once (the calling one among them), each taking work until none is left.
+void run_on_threads(int threads, const std::function<void()>& task) {
+  if (openmp_parallel != nullptr && threads > 1) {
+    openmp_parallel(run_task, const_cast<std::function<void()>*>(&task), unsigned(threads), 0);
+    return;
+  }
+  pool->run(threads, task);
+}
+
 // A forked child has none of its parent's threads: it starts a pool of its own (the old one is
-// abandoned, its mutex possibly held by a thread that does not exist there).
-void after_fork_in_child() { pool = new Pool; }
+// abandoned, its mutex possibly held by a thread that does not exist there), and leaves the
+// OpenMP runtime, whose team of threads it has lost too.
+void after_fork_in_child() {
+  pool = new Pool;
+  openmp_parallel = nullptr;
+}
 
 // Below this many elements a step stays on the calling thread: waking the pool costs more.
 constexpr int64_t kElementsPerThread = 1 << 15;
@@ -163,7 +185,7 @@ void for_each_chunk(const std::vector<Entry>& entries, int threads,
       for (size_t c = claim == 0 ? 0 : claim_ends[claim - 1]; c < claim_ends[claim]; ++c)
         chunk(*chunks[c].entry, chunks[c].start, chunks[c].end);
   };
-  pool->run(int(std::min<int64_t>(threads, useful)), task);
+  run_on_threads(int(std::min<int64_t>(threads, useful)), task);
 }
 
 // --- arguments ------------------------------------------------------------------
@@ -479,6 +501,27 @@ PyObject* stream_step_traffic(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS;
   Py_RETURN_NONE;
 }
+
+// use_openmp(library): steps run on the OpenMP team of `library` (a path: torch's libtorch_cpu,
+// already loaded), whose OpenMP runtime is found among its dependencies; None: on the kernel's own
+// pool. True where it was found.
+PyObject* use_openmp(PyObject*, PyObject* library) {
+  if (library == Py_None) {
+    openmp_parallel = nullptr;
+    Py_RETURN_FALSE;
+  }
+  PyObject* path = nullptr;
+  if (!PyUnicode_FSConverter(library, &path)) return nullptr;
+  // RTLD_NOLOAD: only a library the process has loaded, never a second copy of it.
+  void* handle = dlopen(PyBytes_AS_STRING(path), RTLD_NOW | RTLD_NOLOAD);
+  Py_DECREF(path);
+  // Searched in the library and its dependencies: the runtime it was linked with.
+  openmp_parallel = handle ? reinterpret_cast<ParallelFunction>(dlsym(handle, "GOMP_parallel")) : nullptr;
+  if (openmp_parallel != nullptr) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+PyObject* uses_openmp(PyObject*, PyObject*) { return PyBool_FromLong(openmp_parallel != nullptr); }
 
 // --- gathering a group from the optimizer's state -------------------------------
 
@@ -1120,6 +1163,8 @@ PyMethodDef methods[] = {
     {"set_maps", set_maps, METH_VARARGS, "Copy the signed and unsigned maps (8-bit state)."},
     {"encode_codes", encode_codes, METH_VARARGS, "The 8-bit encoding's codes of scaled values with given noise."},
     {"stream_step_traffic", stream_step_traffic, METH_VARARGS, "The memory traffic of a step, nothing else."},
+    {"use_openmp", use_openmp, METH_O, "Run steps on the OpenMP team of the given loaded library (None: the kernel's own threads)."},
+    {"uses_openmp", uses_openmp, METH_NOARGS, "Whether steps run on an OpenMP team."},
     {"compiled_instruction_sets", compiled_instruction_sets, METH_NOARGS, "The instruction sets built in, best first."},
     {"available_instruction_sets", available_instruction_sets, METH_NOARGS,
      "The instruction sets built in that this CPU runs, best first."},

@@ -303,6 +303,28 @@ def test_the_library_needs_no_torch():
 # --- gathering a group ------------------------------------------------------------
 
 
+@pytest.fixture(params=["torch's stable C functions", "torch's Python bindings"])
+def reading(request):
+    """The gathering reads tensors through torch's stable C functions (where this torch has them)
+    or through its Python bindings."""
+    extension = cpu_kernel.kernel()
+    handles = extension.uses_tensor_handles()
+    if request.param.endswith("C functions"):
+        if not handles:
+            pytest.skip("this torch's tensors are read through its Python bindings")
+    else:
+        extension.use_tensor_handles(None)
+    yield request.param
+    if handles:
+        assert cpu_kernel._use_tensor_handles(extension)
+
+
+def test_tensors_are_read_through_torchs_stable_c_functions_where_torch_has_them():
+    has_them = hasattr(getattr(torch._C, "_aoti", None), "unsafe_alloc_void_ptr_from_tensor")
+    assert cpu_kernel.kernel().uses_tensor_handles() == has_them
+    assert "tensors read through torch's " in cpu_kernel.describe()
+
+
 def _stepped_twice(**settings) -> tuple[list[torch.nn.Parameter], RMSprop]:
     params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(3, 2))]
     optimizer = RMSprop(params, lr=0.01, **settings)
@@ -313,7 +335,7 @@ def _stepped_twice(**settings) -> tuple[list[torch.nn.Parameter], RMSprop]:
     return params, optimizer
 
 
-def test_gather_group_takes_a_group_with_state():
+def test_gather_group_takes_a_group_with_state(reading):
     _, optimizer = _stepped_twice(momentum=0.5, centered=True)
     assert len(cpu_kernel.gather_group(optimizer, 0)) == 2
 
@@ -344,8 +366,9 @@ def _to_float64(param: torch.nn.Parameter) -> None:
         (lambda params, opt: opt.state.update({params[0]: [1]}), "parameter 0: its state is not a dict"),
     ],
 )
-def test_gather_group_declines_what_it_cannot_step_and_says_why(change, reason):
-    """Also after a gather that checked the same objects: a change behind their back is seen."""
+def test_gather_group_declines_what_it_cannot_step_and_says_why(change, reason, reading):
+    """Also after a gather that checked the same objects: a change behind their back is seen,
+    whether the tensors are read through torch's C functions or its Python bindings."""
     params, optimizer = _stepped_twice(centered=True)
     assert not isinstance(cpu_kernel.gather_group(optimizer, 0), str)
     change(params, optimizer)
@@ -353,7 +376,7 @@ def test_gather_group_declines_what_it_cannot_step_and_says_why(change, reason):
     assert isinstance(declined, str) and declined.startswith(reason), declined
 
 
-def test_a_gradient_accumulated_in_place_is_taken_and_stepped_with_its_new_values():
+def test_a_gradient_accumulated_in_place_is_taken_and_stepped_with_its_new_values(reading):
     """backward accumulates into the gradient it left (its version moves, its address stays): the
     gather takes it again and the step reads its new values, as with a new gradient tensor."""
     generator = torch.Generator().manual_seed(3)
@@ -484,7 +507,7 @@ def test_a_gathered_step_bumps_the_version_of_the_parameters_with_gradients():
     assert params[0]._version > versions[0] and params[1]._version == versions[1]
 
 
-def test_a_state_tensor_moved_to_new_memory_is_stepped_there():
+def test_a_state_tensor_moved_to_new_memory_is_stepped_there(reading):
     """The gather trusts an object it checked only at the address it checked it at."""
     params, optimizer = _stepped_twice(momentum=0.9)
     buffer = optimizer.state[params[0]]["momentum_buffer"]

@@ -120,7 +120,13 @@ def _load_extension() -> tuple[ModuleType | None, str]:
     openmp = _torch_openmp_library()
     if threads_wanted == "torch" and openmp is not None:
         module.use_openmp(str(openmp))
+    _use_tensor_handles(module)
     return module, origin
+
+
+def _torch_library() -> Path | None:
+    library = Path(torch.__file__).parent / "lib" / f"libtorch_cpu{'.dylib' if sys.platform == 'darwin' else '.so'}"
+    return library if library.exists() else None
 
 
 def _torch_openmp_library() -> Path | None:
@@ -128,8 +134,23 @@ def _torch_openmp_library() -> Path | None:
     OpenMP runtime among its dependencies."""
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    library = Path(torch.__file__).parent / "lib" / f"libtorch_cpu{'.dylib' if sys.platform == 'darwin' else '.so'}"
-    return library if library.exists() else None
+    return _torch_library()
+
+
+def _use_tensor_handles(module: ModuleType) -> bool:
+    """Let the gathering read tensors through torch's stable C functions, once the kernel has seen
+    that a sample tensor holds the C++ tensor of a handle torch made of it; else it keeps to the
+    Python bindings (an older torch, another layout)."""
+    library = _torch_library()
+    aoti = getattr(torch._C, "_aoti", None)
+    if library is None or not hasattr(aoti, "unsafe_alloc_void_ptr_from_tensor"):
+        return module.use_tensor_handles(None)
+    sample = torch.empty(1)
+    handle = aoti.unsafe_alloc_void_ptr_from_tensor(sample)
+    try:
+        return module.use_tensor_handles(str(library), sample, handle)
+    finally:
+        aoti.alloc_tensor_by_stealing_from_void_ptr(handle)  # frees the handle
 
 
 @cache
@@ -174,9 +195,11 @@ def describe() -> str:
     module, text = _extension()
     if module is None:
         return text
+    reading = "torch's stable C functions" if module.uses_tensor_handles() else "torch's Python bindings"
     return (
         f"fused CPU kernel {text}; instruction set {module.selected_instruction_set()} "
-        f"(this CPU runs: {', '.join(module.available_instruction_sets())}); threads: {threads()}"
+        f"(this CPU runs: {', '.join(module.available_instruction_sets())}); threads: {threads()}; "
+        f"tensors read through {reading}"
     )
 
 

@@ -641,16 +641,101 @@ bool integer_of(PyObject* object, const Accessor& accessor, long long& out) {
 }
 
 // The address of tensor, or false with an exception set.
+// torch's stable C functions on tensors (libtorch_cpu, AOTInductor's shim), where
+// use_tensor_handles found them and the Python tensor's layout it checked: a plain tensor then
+// holds its C++ tensor, the handle those functions take, right after its object header. They
+// read what the Python bindings read, without their per-call error and __torch_function__
+// handling. Each may be missing (an older torch), and the bindings then answer.
+using HandleDataPtr = int32_t (*)(void*, void**);
+using HandleDim = int32_t (*)(void*, int64_t*);
+using HandleSizes = int32_t (*)(void*, int64_t**);
+using HandleIsContiguous = int32_t (*)(void*, bool*);
+struct TensorHandles {
+  HandleDataPtr data_ptr = nullptr;
+  HandleDim dim = nullptr;
+  HandleSizes sizes = nullptr;
+  HandleIsContiguous is_contiguous = nullptr;
+} handles;
+
+// The handle of a plain tensor (a Tensor or Parameter, checked by the caller).
+void* handle_of(PyObject* tensor) { return reinterpret_cast<char*>(tensor) + sizeof(PyObject); }
+
 bool address_of(PyObject* tensor, void*& address) {
+  if (handles.data_ptr != nullptr && handles.data_ptr(handle_of(tensor), &address) == 0) return true;
   long long value;
   if (!integer_of(tensor, data_ptr_of, value)) return false;
   address = reinterpret_cast<void*>(static_cast<intptr_t>(value));
   return true;
 }
 
+// Whether a plain tensor's shape is `shape` (a tuple of ints, torch.Size among them) and it is
+// contiguous: 1, 0, or -1 with an exception set.
+int has_shape_and_is_contiguous(PyObject* tensor, PyObject* shape) {
+  int64_t dim = 0;
+  int64_t* sizes = nullptr;
+  bool contiguous = false;
+  void* handle = handle_of(tensor);
+  if (handles.dim != nullptr && handles.sizes != nullptr && handles.is_contiguous != nullptr &&
+      handles.dim(handle, &dim) == 0 && handles.sizes(handle, &sizes) == 0 && handles.is_contiguous(handle, &contiguous) == 0) {
+    if (dim != PyTuple_GET_SIZE(shape) || !contiguous) return 0;
+    for (int64_t d = 0; d < dim; ++d) {
+      const long long size = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, d));
+      if (size == -1 && PyErr_Occurred()) return -1;
+      if (size != sizes[d]) return 0;
+    }
+    return 1;
+  }
+  PyObject* own = shape_of(tensor);
+  if (own == nullptr) return -1;
+  const int same = PyObject_RichCompareBool(own, shape, Py_EQ);
+  Py_DECREF(own);
+  if (same != 1) return same;
+  return truth(tensor, is_contiguous_of);
+}
+
 bool plain_tensor(PyObject* object) {
   return object != nullptr && (Py_TYPE(object) == torch_objects.tensor || Py_TYPE(object) == torch_objects.parameter);
 }
+
+// use_tensor_handles(library, sample, sample_handle): read plain tensors through torch's stable C
+// functions in `library` (a path: torch's libtorch_cpu, already loaded), once `sample` (a tensor)
+// is seen to hold, right after its object header, the C++ tensor of `sample_handle` (a capsule of
+// a handle to it, torch._C._aoti.unsafe_alloc_void_ptr_from_tensor). None: through the Python
+// bindings. True where they are used.
+PyObject* use_tensor_handles(PyObject*, PyObject* args) {
+  PyObject *library, *sample = nullptr, *sample_handle = nullptr;
+  if (!PyArg_ParseTuple(args, "O|OO", &library, &sample, &sample_handle)) return nullptr;
+  handles = TensorHandles{};
+  if (library == Py_None) Py_RETURN_FALSE;
+  if (!plain_tensor(sample) || !PyCapsule_CheckExact(sample_handle)) {
+    PyErr_SetString(PyExc_TypeError, "use_tensor_handles(library, sample, sample_handle): a plain tensor and its handle's capsule");
+    return nullptr;
+  }
+  void* handle = PyCapsule_GetPointer(sample_handle, PyCapsule_GetName(sample_handle));
+  if (handle == nullptr) return nullptr;
+  // The handle points at a C++ tensor, whose first word is its TensorImpl: the same as the sample's.
+  void* impl_of_handle = *static_cast<void**>(handle);
+  void* impl_of_sample = *static_cast<void**>(handle_of(sample));
+  PyObject* path = nullptr;
+  if (!PyUnicode_FSConverter(library, &path)) return nullptr;
+  void* opened = dlopen(PyBytes_AS_STRING(path), RTLD_NOW | RTLD_NOLOAD);
+  Py_DECREF(path);
+  if (opened == nullptr || impl_of_handle != impl_of_sample) Py_RETURN_FALSE;
+  TensorHandles found;
+  found.data_ptr = reinterpret_cast<HandleDataPtr>(dlsym(opened, "aoti_torch_get_data_ptr"));
+  found.dim = reinterpret_cast<HandleDim>(dlsym(opened, "aoti_torch_get_dim"));
+  found.sizes = reinterpret_cast<HandleSizes>(dlsym(opened, "aoti_torch_get_sizes"));
+  found.is_contiguous = reinterpret_cast<HandleIsContiguous>(dlsym(opened, "aoti_torch_is_contiguous"));
+  void* data = nullptr;
+  long long expected = 0;
+  if (found.data_ptr == nullptr || found.data_ptr(handle_of(sample), &data) != 0) Py_RETURN_FALSE;
+  if (!integer_of(sample, data_ptr_of, expected)) return nullptr;
+  if (reinterpret_cast<intptr_t>(data) != static_cast<intptr_t>(expected)) Py_RETURN_FALSE;
+  handles = found;
+  Py_RETURN_TRUE;
+}
+
+PyObject* uses_tensor_handles(PyObject*, PyObject*) { return PyBool_FromLong(handles.data_ptr != nullptr); }
 
 // The storage of a parameter dtype (complex as its real type), or -1.
 int storage_of(PyObject* dtype, bool& complex) {
@@ -678,12 +763,7 @@ int fits(PyObject* tensor, const Shape& like, void*& ptr) {
   if (ok != 1) return ok;
   if ((ok = truth(tensor, is_cpu_of)) != 1) return ok;
   if ((ok = is_attribute(tensor, dtype_of, like.dtype)) != 1) return ok;
-  PyObject* shape = shape_of(tensor);
-  if (shape == nullptr) return -1;
-  ok = PyObject_RichCompareBool(shape, like.shape, Py_EQ);
-  Py_DECREF(shape);
-  if (ok != 1) return ok;
-  if ((ok = truth(tensor, is_contiguous_of)) != 1) return ok;
+  if ((ok = has_shape_and_is_contiguous(tensor, like.shape)) != 1) return ok;
   // A lazy view: its memory holds the values before negation or conjugation.
   if ((ok = truth(tensor, is_neg_of)) != 0) return ok == 1 ? 0 : -1;
   if (like.complex && (ok = truth(tensor, is_conj_of)) != 0) return ok == 1 ? 0 : -1;
@@ -842,12 +922,7 @@ int kept_grad(const Checked* c, PyObject* grad, long long version, const Shape& 
   if (!address_of(grad, address)) return -1;
   if (address != c->grad_address) return 0;
   if (version == c->grad_version) return 1;
-  PyObject* shape = shape_of(grad);
-  if (shape == nullptr) return -1;
-  const int same_shape = PyObject_RichCompareBool(shape, like.shape, Py_EQ);
-  Py_DECREF(shape);
-  if (same_shape != 1) return same_shape;
-  return truth(grad, is_contiguous_of);
+  return has_shape_and_is_contiguous(grad, like.shape);
 }
 
 // The dtype a buffer of this format is stored in, for a param of dtype.
@@ -1165,6 +1240,9 @@ PyMethodDef methods[] = {
     {"stream_step_traffic", stream_step_traffic, METH_VARARGS, "The memory traffic of a step, nothing else."},
     {"use_openmp", use_openmp, METH_O, "Run steps on the OpenMP team of the given loaded library (None: the kernel's own threads)."},
     {"uses_openmp", uses_openmp, METH_NOARGS, "Whether steps run on an OpenMP team."},
+    {"use_tensor_handles", use_tensor_handles, METH_VARARGS,
+     "Read tensors through torch's stable C functions in the given loaded library (None: through the Python bindings)."},
+    {"uses_tensor_handles", uses_tensor_handles, METH_NOARGS, "Whether tensors are read through torch's stable C functions."},
     {"compiled_instruction_sets", compiled_instruction_sets, METH_NOARGS, "The instruction sets built in, best first."},
     {"available_instruction_sets", available_instruction_sets, METH_NOARGS,
      "The instruction sets built in that this CPU runs, best first."},

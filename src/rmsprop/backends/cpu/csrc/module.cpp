@@ -650,11 +650,17 @@ using HandleDataPtr = int32_t (*)(void*, void**);
 using HandleDim = int32_t (*)(void*, int64_t*);
 using HandleSizes = int32_t (*)(void*, int64_t**);
 using HandleIsContiguous = int32_t (*)(void*, bool*);
+using HandleCode = int32_t (*)(void*, int32_t*);  // dtype, device type, layout
+using Code = int32_t (*)();                       // the code of a dtype, device type or layout
 struct TensorHandles {
   HandleDataPtr data_ptr = nullptr;
   HandleDim dim = nullptr;
   HandleSizes sizes = nullptr;
   HandleIsContiguous is_contiguous = nullptr;
+  HandleCode dtype = nullptr, device_type = nullptr, layout = nullptr;
+  int32_t cpu = 0, strided = 0;
+  // The codes of torch_objects' dtypes, where found.
+  std::vector<std::pair<PyObject*, int32_t>> dtypes;
 } handles;
 
 // The handle of a plain tensor (a Tensor or Parameter, checked by the caller).
@@ -666,6 +672,20 @@ bool address_of(PyObject* tensor, void*& address) {
   if (!integer_of(tensor, data_ptr_of, value)) return false;
   address = reinterpret_cast<void*>(static_cast<intptr_t>(value));
   return true;
+}
+
+// Whether a plain tensor is a strided CPU tensor of dtype: 1, 0, or -1 with an exception set.
+int is_strided_cpu_of(PyObject* tensor, PyObject* dtype) {
+  const auto known = std::find_if(handles.dtypes.begin(), handles.dtypes.end(), [&](const auto& d) { return d.first == dtype; });
+  int32_t layout = 0, device = 0, code = 0;
+  void* handle = handle_of(tensor);
+  if (handles.layout != nullptr && handles.device_type != nullptr && handles.dtype != nullptr && known != handles.dtypes.end() &&
+      handles.layout(handle, &layout) == 0 && handles.device_type(handle, &device) == 0 && handles.dtype(handle, &code) == 0)
+    return layout == handles.strided && device == handles.cpu && code == known->second;
+  int ok = is_attribute(tensor, layout_of, torch_objects.strided);
+  if (ok != 1) return ok;
+  if ((ok = truth(tensor, is_cpu_of)) != 1) return ok;
+  return is_attribute(tensor, dtype_of, dtype);
 }
 
 // Whether a plain tensor's shape is `shape` (a tuple of ints, torch.Size among them) and it is
@@ -726,6 +746,26 @@ PyObject* use_tensor_handles(PyObject*, PyObject* args) {
   found.dim = reinterpret_cast<HandleDim>(dlsym(opened, "aoti_torch_get_dim"));
   found.sizes = reinterpret_cast<HandleSizes>(dlsym(opened, "aoti_torch_get_sizes"));
   found.is_contiguous = reinterpret_cast<HandleIsContiguous>(dlsym(opened, "aoti_torch_is_contiguous"));
+  found.dtype = reinterpret_cast<HandleCode>(dlsym(opened, "aoti_torch_get_dtype"));
+  found.device_type = reinterpret_cast<HandleCode>(dlsym(opened, "aoti_torch_get_device_type"));
+  found.layout = reinterpret_cast<HandleCode>(dlsym(opened, "aoti_torch_get_layout"));
+  const auto code_of = [&](const char* name, int32_t& code) {
+    const Code function = reinterpret_cast<Code>(dlsym(opened, name));
+    if (function != nullptr) code = function();
+    return function != nullptr;
+  };
+  if (!code_of("aoti_torch_device_type_cpu", found.cpu) || !code_of("aoti_torch_layout_strided", found.strided))
+    found.layout = nullptr;  // no codes to compare with: the bindings answer
+  const Torch& t = torch_objects;
+  const std::pair<PyObject*, const char*> dtypes[] = {
+      {t.float32, "aoti_torch_dtype_float32"},     {t.float64, "aoti_torch_dtype_float64"},
+      {t.bfloat16, "aoti_torch_dtype_bfloat16"},   {t.float16, "aoti_torch_dtype_float16"},
+      {t.complex64, "aoti_torch_dtype_complex64"}, {t.complex128, "aoti_torch_dtype_complex128"},
+      {t.uint8, "aoti_torch_dtype_uint8"}};
+  for (const auto& [dtype, name] : dtypes) {
+    int32_t code = 0;
+    if (code_of(name, code)) found.dtypes.emplace_back(dtype, code);
+  }
   void* data = nullptr;
   long long expected = 0;
   if (found.data_ptr == nullptr || found.data_ptr(handle_of(sample), &data) != 0) Py_RETURN_FALSE;
@@ -759,10 +799,8 @@ struct Shape {
 // in place through its address); sets ptr. 1 fits, 0 not, -1 error.
 int fits(PyObject* tensor, const Shape& like, void*& ptr) {
   if (!plain_tensor(tensor)) return 0;
-  int ok = is_attribute(tensor, layout_of, torch_objects.strided);
+  int ok = is_strided_cpu_of(tensor, like.dtype);
   if (ok != 1) return ok;
-  if ((ok = truth(tensor, is_cpu_of)) != 1) return ok;
-  if ((ok = is_attribute(tensor, dtype_of, like.dtype)) != 1) return ok;
   if ((ok = has_shape_and_is_contiguous(tensor, like.shape)) != 1) return ok;
   // A lazy view: its memory holds the values before negation or conjugation.
   if ((ok = truth(tensor, is_neg_of)) != 0) return ok == 1 ? 0 : -1;

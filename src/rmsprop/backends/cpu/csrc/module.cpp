@@ -951,15 +951,20 @@ bool refers_to(PyObject* reference, PyObject* object) {
 #endif
 }
 
+// Whether the shim reads shapes and contiguity: then checking them costs less than reading a
+// version through the bindings.
+bool shapes_through_handles() { return handles.dim != nullptr && handles.sizes != nullptr && handles.is_contiguous != nullptr; }
+
 // Whether grad, at version, is the gradient checked last time, at the same address, and still
 // fits `like` (-1: error). Changed in place since (its version moved, as when backward
 // accumulates into it), only what an in-place change can alter is checked again: its shape and
 // strides (resize_, as_strided_); its dtype, device, layout and negation stay with the object.
+// Where the shim reads them, they are checked at every step and the version is not read.
 int kept_grad(const Checked* c, PyObject* grad, long long version, const Shape& like, void*& address) {
   if (c == nullptr || c->grad == nullptr || !refers_to(c->grad, grad)) return 0;
   if (!address_of(grad, address)) return -1;
   if (address != c->grad_address) return 0;
-  if (version == c->grad_version) return 1;
+  if (!shapes_through_handles() && version == c->grad_version) return 1;
   return has_shape_and_is_contiguous(grad, like.shape);
 }
 
@@ -1078,7 +1083,7 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     if (!plain_tensor(grad)) return refuse(i, "its gradient is not a plain tensor");
     void* grad_ptr = nullptr;
     long long grad_version = 0;
-    if (!integer_of(grad, version_of, grad_version)) return nullptr;
+    if (!shapes_through_handles() && !integer_of(grad, version_of, grad_version)) return nullptr;
     const int kept = trusted ? kept_grad(trusted, grad, grad_version, like, grad_ptr) : 0;
     if (kept < 0) return nullptr;
     if (!kept && (ok = fits(grad, like, grad_ptr)) != 1) {

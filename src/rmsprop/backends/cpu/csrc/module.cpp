@@ -466,23 +466,21 @@ void traffic_of(const Entry& e, int64_t start, int64_t end) {
 // stream_step_traffic(sizes, state_bytes, params, grads, squares, grad_avgs, momenta, threads):
 // int64 arrays, one value per tensor (state_bytes: 4, 2 or 1; addresses 0 where a buffer is absent).
 PyObject* stream_step_traffic(PyObject*, PyObject* args) {
-  PyObject *sizes_object, *widths_object, *lists[5];
+  PyObject *sizes_object, *state_bytes_object, *lists[5];
   int threads;
-  if (!PyArg_ParseTuple(args, "OOOOOOOi", &sizes_object, &widths_object, &lists[0], &lists[1], &lists[2], &lists[3],
+  if (!PyArg_ParseTuple(args, "OOOOOOOi", &sizes_object, &state_bytes_object, &lists[0], &lists[1], &lists[2], &lists[3],
                         &lists[4], &threads))
     return nullptr;
   Py_buffer sizes_view;
   if (PyObject_GetBuffer(sizes_object, &sizes_view, PyBUF_C_CONTIGUOUS) != 0) return nullptr;
   const Py_ssize_t count = sizes_view.len / 8;
   PyBuffer_Release(&sizes_view);
-  Int64s sizes, widths, views[5];
-  if (!sizes.open(sizes_object, count, "sizes") || !widths.open(widths_object, count, "state_bytes")) return nullptr;
+  Int64s sizes, state_bytes, views[5];
+  if (!sizes.open(sizes_object, count, "sizes") || !state_bytes.open(state_bytes_object, count, "state_bytes")) return nullptr;
   for (int k = 0; k < 5; ++k)
     if (!views[k].open(lists[k], count, "addresses")) return nullptr;
   std::vector<Entry> entries(count);
-  std::vector<int64_t> state_bytes(count);
   for (Py_ssize_t i = 0; i < count; ++i) {
-    state_bytes[i] = widths[i];
     if (state_bytes[i] != 4 && state_bytes[i] != 2 && state_bytes[i] != 1) {
       PyErr_Format(PyExc_ValueError, "state_bytes must be 4, 2 or 1, not %lld", static_cast<long long>(state_bytes[i]));
       return nullptr;

@@ -140,15 +140,20 @@ def _torch_openmp_library() -> Path | None:
 def _use_tensor_handles(module: ModuleType) -> bool:
     """Let the gathering read tensors through torch's stable C functions, once the kernel has seen
     that a sample tensor holds the C++ tensor of a handle torch made of it; else it keeps to the
-    Python bindings (an older torch, another layout)."""
+    Python bindings (an older torch, another layout). With them it learns, from sample views, where
+    a TensorImpl keeps its storage (to prefetch it) and which bits of its key set mark negated and
+    conjugated views (read there instead of through the bindings, where they agree)."""
     library = _torch_library()
     aoti = getattr(torch._C, "_aoti", None)
     if library is None or not hasattr(aoti, "unsafe_alloc_void_ptr_from_tensor"):
         return module.use_tensor_handles(None)
     sample = torch.empty(1)
+    base, complex_base = torch.zeros(3), torch.zeros(3, dtype=torch.complex64)
+    negations = tuple((base.view(3), torch._neg_view(base)) for _ in range(4))
+    conjugations = tuple((complex_base.view(3), complex_base.conj()) for _ in range(4))
     handle = aoti.unsafe_alloc_void_ptr_from_tensor(sample)
     try:
-        return module.use_tensor_handles(str(library), sample, handle)
+        return module.use_tensor_handles(str(library), sample, handle, sample.untyped_storage()._cdata, negations, conjugations)
     finally:
         aoti.alloc_tensor_by_stealing_from_void_ptr(handle)  # frees the handle
 
@@ -195,7 +200,11 @@ def describe() -> str:
     module, text = _extension()
     if module is None:
         return text
-    reading = "torch's stable C functions" if module.uses_tensor_handles() else "torch's Python bindings"
+    reading = "torch's Python bindings"
+    if module.uses_tensor_handles():
+        reading = "torch's stable C functions"
+        if module.reads_key_sets():
+            reading += " (negated and conjugated views told by their key sets)"
     return (
         f"fused CPU kernel {text}; instruction set {module.selected_instruction_set()} "
         f"(this CPU runs: {', '.join(module.available_instruction_sets())}); threads: {threads()}; "
@@ -339,8 +348,7 @@ def gather_group(optimizer: torch.optim.Optimizer, group_index: int, first_index
     seeds its rounding noise. A param and its state tensors that are the
     objects the group's last plan checked, at the same addresses and for the
     same format, are not checked again (the plan holds them until the next
-    gather); nor is a gradient that is the object checked last time, at the
-    same address and version (the plan holds it by a weak reference). A
+    gather); gradients, new objects at most steps, are checked at every one. A
     missing or unfit tensor anywhere, or a param without state, leaves the
     whole group to the Python planning.
     """

@@ -163,8 +163,14 @@ void for_each_chunk(const std::vector<Entry>& entries, int threads,
     const Entry* entry;
     int64_t start, end;
   };
-  std::vector<Chunk> chunks;
-  std::vector<size_t> claim_ends;  // one past the last chunk of each claim
+  // Kept from one step to the next, as the plans' vectors are (SpareVectors), one per calling
+  // thread; the task reaches the caller's through these references.
+  static thread_local std::vector<Chunk> kept_chunks;
+  static thread_local std::vector<size_t> kept_claim_ends;
+  std::vector<Chunk>& chunks = kept_chunks;
+  std::vector<size_t>& claim_ends = kept_claim_ends;  // one past the last chunk of each claim
+  chunks.clear();
+  claim_ends.clear();
   int64_t total = 0, claimed = 0;
   for (const Entry& entry : entries) {
     total += entry.size;
@@ -553,9 +559,9 @@ struct Accessor {
 };
 
 Accessor grad_of{"grad", false}, layout_of{"layout", false}, dtype_of{"dtype", false}, shape_of{"shape", false},
-    is_cpu_of{"is_cpu", false}, version_of{"_version", false}, is_contiguous_of{"is_contiguous", true},
+    is_cpu_of{"is_cpu", false}, is_contiguous_of{"is_contiguous", true},
     is_neg_of{"is_neg", true}, is_conj_of{"is_conj", true}, data_ptr_of{"data_ptr", true}, numel_of{"numel", true};
-Accessor* const kAccessors[] = {&grad_of,          &layout_of, &dtype_of,   &shape_of,    &is_cpu_of, &version_of,
+Accessor* const kAccessors[] = {&grad_of,          &layout_of, &dtype_of,   &shape_of,    &is_cpu_of,
                                 &is_contiguous_of, &is_neg_of, &is_conj_of, &data_ptr_of, &numel_of};
 
 // Finds the C function behind an accessor's name on torch's tensor types; false with an exception set.
@@ -629,7 +635,7 @@ int is_attribute(PyObject* object, const Accessor& accessor, PyObject* expected)
   return result;
 }
 
-// The value of an int attribute or method (numel, data_ptr, _version).
+// The value of an int attribute or method (numel, data_ptr).
 bool integer_of(PyObject* object, const Accessor& accessor, long long& out) {
   PyObject* value = accessor(object);
   if (value == nullptr) return false;
@@ -659,10 +665,21 @@ struct TensorHandles {
   int32_t cpu = 0, strided = 0;
   // The codes of torch_objects' dtypes, where found.
   std::vector<std::pair<PyObject*, int32_t>> dtypes;
+  // Where a TensorImpl keeps its StorageImpl pointer and its dispatch key set, in words from its
+  // start, and the keys of negated and conjugated views (learn_layout); 0 where not found: the
+  // storage is then not prefetched, and the bindings say which tensors are lazy views.
+  Py_ssize_t storage_word = 0, key_set_word = 0;
+  uint64_t negative = 0, conjugate = 0;
 } handles;
 
 // The handle of a plain tensor (a Tensor or Parameter, checked by the caller).
 void* handle_of(PyObject* tensor) { return reinterpret_cast<char*>(tensor) + sizeof(PyObject); }
+
+// torch's TensorImpl is 176 bytes (22 words): learn_key looks for the key set among them.
+constexpr Py_ssize_t kImplWords = 22;
+
+// The words of a plain tensor's TensorImpl: the first word of the C++ tensor its object holds.
+const uint64_t* impl_of(PyObject* tensor) { return *reinterpret_cast<const uint64_t* const*>(handle_of(tensor)); }
 
 bool address_of(PyObject* tensor, void*& address) {
   if (handles.data_ptr != nullptr && handles.data_ptr(handle_of(tensor), &address) == 0) return true;
@@ -715,18 +732,78 @@ bool plain_tensor(PyObject* object) {
   return object != nullptr && (Py_TYPE(object) == torch_objects.tensor || Py_TYPE(object) == torch_objects.parameter);
 }
 
-// use_tensor_handles(library, sample, sample_handle): read plain tensors through torch's stable C
-// functions in `library` (a path: torch's libtorch_cpu, already loaded), once `sample` (a tensor)
-// is seen to hold, right after its object header, the C++ tensor of `sample_handle` (a capsule of
-// a handle to it, torch._C._aoti.unsafe_alloc_void_ptr_from_tensor). None: through the Python
-// bindings. True where they are used.
+// Of pairs of TensorImpls (a plain view and a lazy one, negated or conjugated, of one base), the
+// word among the first kImplWords whose values differ by the same one bit in every pair, set in
+// the lazy view's: `word` and `bit`, or false where no word or more than one does.
+bool learn_key(PyObject* pairs, Py_ssize_t& word, uint64_t& bit) {
+  word = 0;
+  if (!PyTuple_Check(pairs) || PyTuple_GET_SIZE(pairs) == 0) return false;
+  for (Py_ssize_t w = 1; w < kImplWords; ++w) {
+    uint64_t common = 0;
+    bool same = true;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(pairs) && same; ++k) {
+      PyObject* pair = PyTuple_GET_ITEM(pairs, k);
+      if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !plain_tensor(PyTuple_GET_ITEM(pair, 0)) ||
+          !plain_tensor(PyTuple_GET_ITEM(pair, 1)))
+        return false;
+      const uint64_t plain = impl_of(PyTuple_GET_ITEM(pair, 0))[w], lazy = impl_of(PyTuple_GET_ITEM(pair, 1))[w];
+      const uint64_t differing = plain ^ lazy;
+      if (k == 0) common = differing;
+      same = differing == common && __builtin_popcountll(differing) == 1 && (lazy & differing) != 0;
+    }
+    if (!same) continue;
+    if (word != 0) return false;  // two candidates: none is trusted
+    word = w;
+    bit = common;
+  }
+  return word != 0;
+}
+
+// Where the TensorImpl keeps its StorageImpl pointer (`storage`: the sample's, UntypedStorage._cdata)
+// and its dispatch key set, and that set's keys of negated and conjugated views, into `found`.
+// Each sample's binding confirms what it is; without a confirmed key set, the bindings answer.
+bool learn_layout(TensorHandles& found, PyObject* sample, unsigned long long storage, PyObject* negations,
+                  PyObject* conjugations) {
+  const uint64_t* words = impl_of(sample);
+  for (Py_ssize_t w = 1; w < kImplWords && found.storage_word == 0; ++w)
+    if (words[w] == storage) found.storage_word = w;
+  Py_ssize_t negative_word = 0, conjugate_word = 0;
+  uint64_t negative = 0, conjugate = 0;
+  if (!learn_key(negations, negative_word, negative) || !learn_key(conjugations, conjugate_word, conjugate) ||
+      negative_word != conjugate_word || negative == conjugate)
+    return true;
+  for (const auto& [pairs, accessor] : {std::pair{negations, &is_neg_of}, std::pair{conjugations, &is_conj_of}})
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(pairs); ++k) {
+      PyObject* pair = PyTuple_GET_ITEM(pairs, k);
+      const int plain = truth(PyTuple_GET_ITEM(pair, 0), *accessor), lazy = truth(PyTuple_GET_ITEM(pair, 1), *accessor);
+      if (plain < 0 || lazy < 0) return false;
+      if (plain != 0 || lazy != 1) return true;
+    }
+  found.key_set_word = negative_word;
+  found.negative = negative;
+  found.conjugate = conjugate;
+  return true;
+}
+
+// use_tensor_handles(library, sample, sample_handle, storage, negations, conjugations): read plain
+// tensors through torch's stable C functions in `library` (a path: torch's libtorch_cpu, already
+// loaded), once `sample` (a tensor) is seen to hold, right after its object header, the C++ tensor
+// of `sample_handle` (a capsule of a handle to it, torch._C._aoti.unsafe_alloc_void_ptr_from_tensor);
+// and read the negation and conjugation bits from the TensorImpl where learn_layout finds them
+// (`storage`: the address of the sample's StorageImpl; `negations` and `conjugations`: pairs of
+// views, see learn_key). None: through the Python bindings. True where the C functions are used.
 PyObject* use_tensor_handles(PyObject*, PyObject* args) {
-  PyObject *library, *sample = nullptr, *sample_handle = nullptr;
-  if (!PyArg_ParseTuple(args, "O|OO", &library, &sample, &sample_handle)) return nullptr;
+  PyObject *library, *sample = nullptr, *sample_handle = nullptr, *negations = nullptr, *conjugations = nullptr;
+  unsigned long long storage = 0;
+  if (!PyArg_ParseTuple(args, "O|OOKO!O!", &library, &sample, &sample_handle, &storage, &PyTuple_Type, &negations,
+                        &PyTuple_Type, &conjugations))
+    return nullptr;
   handles = TensorHandles{};
   if (library == Py_None) Py_RETURN_FALSE;
-  if (!plain_tensor(sample) || !PyCapsule_CheckExact(sample_handle)) {
-    PyErr_SetString(PyExc_TypeError, "use_tensor_handles(library, sample, sample_handle): a plain tensor and its handle's capsule");
+  if (!plain_tensor(sample) || !PyCapsule_CheckExact(sample_handle) || negations == nullptr) {
+    PyErr_SetString(PyExc_TypeError,
+                    "use_tensor_handles(library, sample, sample_handle, storage, negations, conjugations): a plain "
+                    "tensor, its handle's capsule, its storage's address and two tuples of pairs of views");
     return nullptr;
   }
   void* handle = PyCapsule_GetPointer(sample_handle, PyCapsule_GetName(sample_handle));
@@ -769,11 +846,14 @@ PyObject* use_tensor_handles(PyObject*, PyObject* args) {
   if (found.data_ptr == nullptr || found.data_ptr(handle_of(sample), &data) != 0) Py_RETURN_FALSE;
   if (!integer_of(sample, data_ptr_of, expected)) return nullptr;
   if (reinterpret_cast<intptr_t>(data) != static_cast<intptr_t>(expected)) Py_RETURN_FALSE;
+  if (!learn_layout(found, sample, storage, negations, conjugations)) return nullptr;
   handles = found;
   Py_RETURN_TRUE;
 }
 
 PyObject* uses_tensor_handles(PyObject*, PyObject*) { return PyBool_FromLong(handles.data_ptr != nullptr); }
+
+PyObject* reads_key_sets(PyObject*, PyObject*) { return PyBool_FromLong(handles.key_set_word != 0); }
 
 // The storage of a parameter dtype (complex as its real type), or -1.
 int storage_of(PyObject* dtype, bool& complex) {
@@ -793,6 +873,15 @@ struct Shape {
   bool complex;
 };
 
+// Whether a plain tensor is a lazy view, whose memory holds the values before negation (or, where
+// complex, conjugation): 1, 0, or -1 with an exception set.
+int lazy_view(PyObject* tensor, bool complex) {
+  if (handles.key_set_word != 0)
+    return (impl_of(tensor)[handles.key_set_word] & (handles.negative | (complex ? handles.conjugate : 0))) != 0;
+  const int negated = truth(tensor, is_neg_of);
+  return negated != 0 || !complex ? negated : truth(tensor, is_conj_of);
+}
+
 // Checks that tensor is a plain, contiguous CPU tensor of `like` (so that it can be updated
 // in place through its address); sets ptr. 1 fits, 0 not, -1 error.
 int fits(PyObject* tensor, const Shape& like, void*& ptr) {
@@ -800,9 +889,7 @@ int fits(PyObject* tensor, const Shape& like, void*& ptr) {
   int ok = is_strided_cpu_of(tensor, like.dtype);
   if (ok != 1) return ok;
   if ((ok = has_shape_and_is_contiguous(tensor, like.shape)) != 1) return ok;
-  // A lazy view: its memory holds the values before negation or conjugation.
-  if ((ok = truth(tensor, is_neg_of)) != 0) return ok == 1 ? 0 : -1;
-  if (like.complex && (ok = truth(tensor, is_conj_of)) != 0) return ok == 1 ? 0 : -1;
+  if ((ok = lazy_view(tensor, like.complex)) != 0) return ok == 1 ? 0 : -1;
   return address_of(tensor, ptr) ? 1 : -1;
 }
 
@@ -852,15 +939,9 @@ struct Checked {
   PyObject* dtype = nullptr;  // the param's
   PyObject* shape = nullptr;  // the param's (owned)
   Py_hash_t hash = -1;        // the param's
+  PyObject* state = nullptr;  // the param's state dict (owned), for prefetching
   long long numel = 0;
   bool step_is_double = false;
-  // The gradient, by a weak reference: holding it would keep the memory of a gradient that
-  // zero_grad() set to None. Trusted while it is the same object at the same address: as it
-  // was at the same version (torch bumps it at every in-place change, of values or of shape and
-  // strides), and with its shape and strides checked again at another (kept_grad).
-  PyObject* grad = nullptr;  // weak reference (owned)
-  void* grad_address = nullptr;
-  long long grad_version = 0;
 };
 
 // The steps of a group, as gather_group found them.
@@ -871,19 +952,46 @@ struct PlanObject {
   PyObject* params;  // the params stepped (a list), for the caller to bump their versions
 };
 
+// A gather right after backward that allocated its vectors anew would find glibc's malloc first
+// consolidating the many small blocks backward freed (a large allocation or free does that): a
+// finished plan's vectors are kept for the next gathers instead, a few of them, under the GIL.
+template <typename T>
+class SpareVectors {
+ public:
+  std::vector<T>* take() {
+    if (kept_.empty()) return new std::vector<T>();
+    std::vector<T>* vector = kept_.back();
+    kept_.pop_back();
+    return vector;
+  }
+  void give(std::vector<T>* vector) {
+    if (vector == nullptr) return;
+    vector->clear();
+    if (kept_.size() < kKept) kept_.push_back(vector);
+    else delete vector;
+  }
+
+ private:
+  static constexpr size_t kKept = 2;
+  std::vector<std::vector<T>*> kept_;
+};
+// Never destroyed: a plan may be freed after static destructors have run.
+SpareVectors<Gathered>& spare_items = *new SpareVectors<Gathered>();
+SpareVectors<Checked>& spare_checks = *new SpareVectors<Checked>();
+
 void release(std::vector<Checked>* checked) {
   if (checked == nullptr) return;
   for (Checked& c : *checked) {
     for (PyObject* object : c.objects) Py_XDECREF(object);
     Py_XDECREF(c.shape);
-    Py_XDECREF(c.grad);
+    Py_XDECREF(c.state);
   }
-  delete checked;
+  spare_checks.give(checked);
 }
 
 void plan_dealloc(PyObject* self) {
   PlanObject* plan = reinterpret_cast<PlanObject*>(self);
-  delete plan->items;
+  spare_items.give(plan->items);
   release(plan->checked);
   Py_XDECREF(plan->params);
   Py_TYPE(self)->tp_free(self);
@@ -937,33 +1045,44 @@ PyObject* state_of(PyObject* state, PyObject* param, Py_hash_t hash) {
 #endif
 }
 
-// Whether weak reference `reference` refers to object.
-bool refers_to(PyObject* reference, PyObject* object) {
-#if PY_VERSION_HEX >= 0x030D0000
-  PyObject* referent = nullptr;
-  if (PyWeakref_GetRef(reference, &referent) < 0) PyErr_Clear();
-  Py_XDECREF(referent);  // compared by address only
-  return referent == object;
-#else
-  return PyWeakref_GetObject(reference) == object;
-#endif
+// --- prefetching the next params' objects ---------------------------------------
+// A gather reads, for each param, a dozen objects scattered over the heap: the Python objects of
+// the param, its gradient and its state, their TensorImpls and StorageImpls, the state's dicts.
+// Read one after another they are a chain of cache misses, most of the gather's time on many
+// tensors. The last plan names the objects the next gather will read: prefetch_ahead starts
+// loading them some params ahead, one level of the chain per stage, so that the misses overlap.
+
+// Starts loading the TensorImpl of a plain tensor.
+void prefetch_impl(PyObject* tensor) {
+  const char* impl = reinterpret_cast<const char*>(impl_of(tensor));
+  for (Py_ssize_t byte = 0; byte < kImplWords * 8; byte += 64) __builtin_prefetch(impl + byte);
+  __builtin_prefetch(impl + kImplWords * 8 - 1);
 }
 
-// Whether the shim reads shapes and contiguity: then checking them costs less than reading a
-// version through the bindings.
-bool shapes_through_handles() { return handles.dim != nullptr && handles.sizes != nullptr && handles.is_contiguous != nullptr; }
+// Starts loading the StorageImpl of a plain tensor, where learn_layout found its pointer.
+void prefetch_storage(PyObject* tensor) {
+  if (handles.storage_word != 0) __builtin_prefetch(reinterpret_cast<const void*>(impl_of(tensor)[handles.storage_word]));
+}
 
-// Whether grad, at version, is the gradient checked last time, at the same address, and still
-// fits `like` (-1: error). Changed in place since (its version moved, as when backward
-// accumulates into it), only what an in-place change can alter is checked again: its shape and
-// strides (resize_, as_strided_); its dtype, device, layout and negation stay with the object.
-// Where the shim reads them, they are checked at every step and the version is not read.
-int kept_grad(const Checked* c, PyObject* grad, long long version, const Shape& like, void*& address) {
-  if (c == nullptr || c->grad == nullptr || !refers_to(c->grad, grad)) return 0;
-  if (!address_of(grad, address)) return -1;
-  if (address != c->grad_address) return 0;
-  if (!shapes_through_handles() && version == c->grad_version) return 1;
-  return has_shape_and_is_contiguous(grad, like.shape);
+// Starts loading what the gather of param i + kAhead * stage will read, one level further for
+// each stage closer: the objects, then their TensorImpls (and the state dicts' keys), then their
+// StorageImpls. `previous` (the last plan's checks) holds each of those objects by a strong
+// reference. The gradients are new objects at most steps: none is known ahead.
+void prefetch_ahead(const std::vector<Checked>& previous, Py_ssize_t i) {
+  constexpr Py_ssize_t kAhead = 4;
+  for (Py_ssize_t stage = 3; stage >= 1; --stage) {
+    const Py_ssize_t j = i + kAhead * stage;
+    if (j >= Py_ssize_t(previous.size())) continue;
+    const Checked& c = previous[j];
+    for (PyObject* object : c.objects) {
+      if (object == nullptr) continue;
+      if (stage == 3) __builtin_prefetch(object);
+      if (stage == 2) prefetch_impl(object);
+      if (stage == 1) prefetch_storage(object);
+    }
+    if (c.state != nullptr && stage == 3) __builtin_prefetch(c.state);
+    if (c.state != nullptr && stage == 2) __builtin_prefetch(reinterpret_cast<PyDictObject*>(c.state)->ma_keys);
+  }
 }
 
 // The dtype a buffer of this format is stored in, for a param of dtype.
@@ -1015,15 +1134,17 @@ PyObject* gather_group(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_RuntimeError, "set_torch() has not been called");
     return nullptr;
   }
-  auto items = std::make_unique<std::vector<Gathered>>();
   const Py_ssize_t count = PyList_GET_SIZE(params);
+  std::unique_ptr<std::vector<Gathered>, void (*)(std::vector<Gathered>*)> items(
+      spare_items.take(), [](std::vector<Gathered>* vector) { spare_items.give(vector); });
   items->reserve(count);
-  std::unique_ptr<std::vector<Checked>, void (*)(std::vector<Checked>*)> checked(new std::vector<Checked>(count),
-                                                                                release);
+  std::unique_ptr<std::vector<Checked>, void (*)(std::vector<Checked>*)> checked(spare_checks.take(), release);
+  checked->resize(count);
   PyObject* stepped = PyList_New(0);
   if (stepped == nullptr) return nullptr;
   std::unique_ptr<PyObject, void (*)(PyObject*)> stepped_owner(stepped, [](PyObject* list) { Py_DECREF(list); });
   for (Py_ssize_t i = 0; i < count; ++i) {
+    if (previous != nullptr) prefetch_ahead(*previous, i);
     PyObject* param = PyList_GET_ITEM(params, i);
     if (!plain_tensor(param)) return refuse(i, "not a plain tensor");
     PyObject* grad = grad_of(param);
@@ -1080,11 +1201,7 @@ PyObject* gather_group(PyObject*, PyObject* args) {
 
     if (!plain_tensor(grad)) return refuse(i, "its gradient is not a plain tensor");
     void* grad_ptr = nullptr;
-    long long grad_version = 0;
-    if (!shapes_through_handles() && !integer_of(grad, version_of, grad_version)) return nullptr;
-    const int kept = trusted ? kept_grad(trusted, grad, grad_version, like, grad_ptr) : 0;
-    if (kept < 0) return nullptr;
-    if (!kept && (ok = fits(grad, like, grad_ptr)) != 1) {
+    if ((ok = fits(grad, like, grad_ptr)) != 1) {
       if (ok < 0) return nullptr;
       return refuse(i, "its gradient is not a contiguous CPU tensor of the parameter's dtype and shape");
     }
@@ -1154,9 +1271,6 @@ PyObject* gather_group(PyObject*, PyObject* args) {
       }
     }
 
-    // A weak reference without a callback is shared by everyone who asks for one: most steps
-    // find the one made for the last step.
-    if ((now.grad = PyWeakref_NewRef(grad, nullptr)) == nullptr) return nullptr;
     if (PyList_Append(stepped, param) < 0) return nullptr;
     item.storage = Storage(storage);
     item.format = format;
@@ -1180,12 +1294,12 @@ PyObject* gather_group(PyObject*, PyObject* args) {
       now.objects[k] = found[k];
       now.addresses[k] = addresses[k];
     }
+    Py_INCREF(param_state);
+    now.state = param_state;
     now.format = format;
     now.dtype = dtype;
     now.numel = numel;
     now.step_is_double = item.step_is_double;
-    now.grad_address = grad_ptr;
-    now.grad_version = grad_version;
   }
   PlanObject* plan = PyObject_New(PlanObject, &plan_type);
   if (plan == nullptr) return nullptr;
@@ -1241,9 +1355,14 @@ PyObject* run_plan(PyObject*, PyObject* args) {
       if (chunk == nullptr) continue;
       Job job{Storage(storage), Format(format), normalized(variant % kVariants), s, {}, {}};
       if (job.format == Format::Blockwise8bit) job.maps = Maps{signed_map.data(), unsigned_map.data()};
+      // Kept from one step to the next, as the plans' vectors are (SpareVectors).
+      static thread_local std::vector<Entry> kept_entries;
+      job.entries.swap(kept_entries);
+      job.entries.clear();
       for (const Gathered& item : items)
         if (item.storage == job.storage && item.format == job.format) job.entries.push_back(item.entry);
       for_each_chunk(job.entries, threads, [&](const Entry& e, int64_t start, int64_t end) { chunk(job, e, start, end); });
+      job.entries.swap(kept_entries);
     }
   Py_END_ALLOW_THREADS;
   Py_RETURN_NONE;
@@ -1284,6 +1403,8 @@ PyMethodDef methods[] = {
     {"use_tensor_handles", use_tensor_handles, METH_VARARGS,
      "Read tensors through torch's stable C functions in the given loaded library (None: through the Python bindings)."},
     {"uses_tensor_handles", uses_tensor_handles, METH_NOARGS, "Whether tensors are read through torch's stable C functions."},
+    {"reads_key_sets", reads_key_sets, METH_NOARGS,
+     "Whether negated and conjugated views are told by the key set in their TensorImpl (else by the bindings)."},
     {"compiled_instruction_sets", compiled_instruction_sets, METH_NOARGS, "The instruction sets built in, best first."},
     {"available_instruction_sets", available_instruction_sets, METH_NOARGS,
      "The instruction sets built in that this CPU runs, best first."},

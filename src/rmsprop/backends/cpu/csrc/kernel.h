@@ -31,8 +31,8 @@ constexpr unsigned normalized(unsigned bits) { return bits & kPlain ? bits & ~kC
 
 // The rule's numbers; maximize, both weight decays and the eps placement folded in
 // (rmsprop.core.hyperparameters.KernelScalars).
-// nesterov and lr_in_momentum are selects inside the loop, not variants: each variant
-// compiled for them would multiply the build time by 3 for no measurable speed.
+// nesterov and lr_in_momentum are not variants (each variant compiled for them would multiply the
+// build time by 3): inside the loop, nesterov is a select and lr_in_momentum constant factors.
 struct Scalars {
   double lr, alpha, rate, eps_inside, eps_outside, weight_decay, decay_factor, momentum, sign;
   bool nesterov, lr_in_momentum;

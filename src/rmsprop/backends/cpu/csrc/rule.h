@@ -16,17 +16,30 @@ using Bits = std::conditional_t<sizeof(C) == 8, uint64_t, uint32_t>;
 template <typename C>
 struct Constants {
   C lr, alpha, rate, eps_inside, eps_outside, weight_decay, decay_factor, momentum, sign;
-  // All ones where the flag is set: selects by masks, which GCC vectorises (a condition
+  // All ones where nesterov is set: a select by mask, which GCC vectorises (a condition
   // in the loop, even a constant one, kept it scalar).
-  Bits<C> nesterov, lr_in_momentum;
+  Bits<C> nesterov;
+  // What u is multiplied by into the momentum buffer, and the buffer's direction into the step:
+  // lr and 1 where the buffer accumulates lr * u (lr_in_momentum), else 1 and lr.
+  C increment_scale, step_lr;
 };
 
 template <typename C>
 inline Constants<C> constants_of(const Scalars& s) {
   const Bits<C> set = ~Bits<C>(0);
-  return Constants<C>{C(s.lr),           C(s.alpha),        C(s.rate),     C(s.eps_inside),     C(s.eps_outside),
-                      C(s.weight_decay), C(s.decay_factor), C(s.momentum), C(s.sign),           s.nesterov ? set : 0,
-                      s.lr_in_momentum ? set : 0};
+  const C lr = C(s.lr);
+  return Constants<C>{lr,
+                      C(s.alpha),
+                      C(s.rate),
+                      C(s.eps_inside),
+                      C(s.eps_outside),
+                      C(s.weight_decay),
+                      C(s.decay_factor),
+                      C(s.momentum),
+                      C(s.sign),
+                      s.nesterov ? set : 0,
+                      s.lr_in_momentum ? lr : C(1),
+                      s.lr_in_momentum ? C(1) : lr};
 }
 
 // mask ? a : b, bit for bit, for a mask of all ones or zeros.
@@ -183,7 +196,8 @@ inline void rounding_noise(uint64_t seed, int64_t first, int64_t count, uint16_t
 template <typename C>
 __attribute__((always_inline)) inline BFloat16 round_stochastically(C x, uint16_t noise) {
   const float value = float(x);
-  return BFloat16{uint16_t(choose(mask(value != value), 0x7FC0u, (float_to_bits(value) + noise) >> 16))};
+  // Chosen before the shift: a select on the 32-bit lanes, not on their narrowed halves.
+  return BFloat16{uint16_t(choose(mask(value != value), 0x7FC00000u, float_to_bits(value) + noise) >> 16)};
 }
 
 // clamp_min(x, 0), NaN staying NaN, as a select by mask.
@@ -217,12 +231,12 @@ __attribute__((always_inline)) inline void apply_rule(C& p, C g, C& v, C& m, C& 
   if (root) *root = denominator_root;
   const C u = g / (denominator_root + k.eps_outside);
   if constexpr (V.momentum) {
-    // lr_in_momentum: the buffer accumulates lr * u and the step subtracts it as it is.
-    // Both forms are computed and one selected.
-    const C increment = select(k.lr_in_momentum, k.lr * u, u);
+    // lr_in_momentum: the buffer accumulates lr * u and the step subtracts it as it is. Either
+    // way one multiply by a constant: u * 1 and fma(-1, d, p) are u and p - d, bit for bit.
+    const C increment = u * k.increment_scale;
     b = mul_add(k.momentum, b, increment);
     const C direction = select(k.nesterov, mul_add(k.momentum, b, increment), b);
-    p = select(k.lr_in_momentum, p - direction, mul_add(-k.lr, direction, p));
+    p = mul_add(-k.step_lr, direction, p);
   } else {
     p = mul_add(-k.lr, u, p);
   }

@@ -800,7 +800,7 @@ PyObject* use_tensor_handles(PyObject*, PyObject* args) {
     return nullptr;
   handles = TensorHandles{};
   if (library == Py_None) Py_RETURN_FALSE;
-  if (!plain_tensor(sample) || !PyCapsule_CheckExact(sample_handle) || negations == nullptr) {
+  if (!plain_tensor(sample) || !PyCapsule_CheckExact(sample_handle) || conjugations == nullptr) {
     PyErr_SetString(PyExc_TypeError,
                     "use_tensor_handles(library, sample, sample_handle, storage, negations, conjugations): a plain "
                     "tensor, its handle's capsule, its storage's address and two tuples of pairs of views");

@@ -738,14 +738,17 @@ bool plain_tensor(PyObject* object) {
 bool learn_key(PyObject* pairs, Py_ssize_t& word, uint64_t& bit) {
   word = 0;
   if (!PyTuple_Check(pairs) || PyTuple_GET_SIZE(pairs) == 0) return false;
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(pairs); ++k) {
+    PyObject* pair = PyTuple_GET_ITEM(pairs, k);
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !plain_tensor(PyTuple_GET_ITEM(pair, 0)) ||
+        !plain_tensor(PyTuple_GET_ITEM(pair, 1)))
+      return false;
+  }
   for (Py_ssize_t w = 1; w < kImplWords; ++w) {
     uint64_t common = 0;
     bool same = true;
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(pairs) && same; ++k) {
       PyObject* pair = PyTuple_GET_ITEM(pairs, k);
-      if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !plain_tensor(PyTuple_GET_ITEM(pair, 0)) ||
-          !plain_tensor(PyTuple_GET_ITEM(pair, 1)))
-        return false;
       const uint64_t plain = impl_of(PyTuple_GET_ITEM(pair, 0))[w], lazy = impl_of(PyTuple_GET_ITEM(pair, 1))[w];
       const uint64_t differing = plain ^ lazy;
       if (k == 0) common = differing;
@@ -809,8 +812,8 @@ PyObject* use_tensor_handles(PyObject*, PyObject* args) {
   void* handle = PyCapsule_GetPointer(sample_handle, PyCapsule_GetName(sample_handle));
   if (handle == nullptr) return nullptr;
   // The handle points at a C++ tensor, whose first word is its TensorImpl: the same as the sample's.
-  void* impl_of_handle = *static_cast<void**>(handle);
-  void* impl_of_sample = *static_cast<void**>(handle_of(sample));
+  const void* impl_of_handle = *static_cast<void**>(handle);
+  const void* impl_of_sample = impl_of(sample);
   PyObject* path = nullptr;
   if (!PyUnicode_FSConverter(library, &path)) return nullptr;
   void* opened = dlopen(PyBytes_AS_STRING(path), RTLD_NOW | RTLD_NOLOAD);
@@ -1064,24 +1067,28 @@ void prefetch_storage(PyObject* tensor) {
   if (handles.storage_word != 0) __builtin_prefetch(reinterpret_cast<const void*>(impl_of(tensor)[handles.storage_word]));
 }
 
-// Starts loading what the gather of param i + kAhead * stage will read, one level further for
-// each stage closer: the objects, then their TensorImpls (and the state dicts' keys), then their
-// StorageImpls. `previous` (the last plan's checks) holds each of those objects by a strong
+// Starts loading what the gathers of later params will read, one level further for each param
+// closer: the objects 3 * kAhead params ahead, their TensorImpls (and the state dicts' keys)
+// 2 * kAhead ahead, their StorageImpls kAhead ahead. `previous` (the last plan's checks) holds each of those objects by a strong
 // reference. The gradients are new objects at most steps: none is known ahead.
 void prefetch_ahead(const std::vector<Checked>& previous, Py_ssize_t i) {
   constexpr Py_ssize_t kAhead = 4;
-  for (Py_ssize_t stage = 3; stage >= 1; --stage) {
-    const Py_ssize_t j = i + kAhead * stage;
-    if (j >= Py_ssize_t(previous.size())) continue;
-    const Checked& c = previous[j];
-    for (PyObject* object : c.objects) {
-      if (object == nullptr) continue;
-      if (stage == 3) __builtin_prefetch(object);
-      if (stage == 2) prefetch_impl(object);
-      if (stage == 1) prefetch_storage(object);
-    }
-    if (c.state != nullptr && stage == 3) __builtin_prefetch(c.state);
-    if (c.state != nullptr && stage == 2) __builtin_prefetch(reinterpret_cast<PyDictObject*>(c.state)->ma_keys);
+  const Py_ssize_t known = Py_ssize_t(previous.size());
+  if (i + 3 * kAhead < known) {
+    const Checked& c = previous[i + 3 * kAhead];
+    for (PyObject* object : c.objects)
+      if (object != nullptr) __builtin_prefetch(object);
+    if (c.state != nullptr) __builtin_prefetch(c.state);
+  }
+  if (i + 2 * kAhead < known) {
+    const Checked& c = previous[i + 2 * kAhead];
+    for (PyObject* object : c.objects)
+      if (object != nullptr) prefetch_impl(object);
+    if (c.state != nullptr) __builtin_prefetch(reinterpret_cast<PyDictObject*>(c.state)->ma_keys);
+  }
+  if (i + kAhead < known) {
+    for (PyObject* object : previous[i + kAhead].objects)
+      if (object != nullptr) prefetch_storage(object);
   }
 }
 

@@ -2,18 +2,22 @@
 
 Used by tests/test_fused.py (the CPU kernels through RMSprop) and
 tests/test_triton.py (the Triton kernel in its interpreter); the tolerances
-are explained in tests/test_fused.py. The check of the kernels' machine code
+of full-precision state are explained in tests/test_fused.py, those of
+low-precision state here. The check of the kernels' machine code
 for packed square roots is used by tests/test_cpu_kernel.py.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 
 import numpy as np
 import torch
 
+import rmsprop.backends.cpu.kernel
+import rmsprop.core.optimizer
 from rmsprop import RMSprop, reference
 
 SHAPES = [(3, 5), (7,), (2, 3, 4), (), (0,), (300,)]
@@ -161,3 +165,105 @@ def square_rooting(sections: dict[str, str], prefix: str = "v?") -> tuple[list[s
     rooting = [name for name, body in sections.items() if re.search(rf"\b{prefix}sqrt[sp][sd]\b", body)]
     scalar_only = [name for name in rooting if not re.search(rf"\b{prefix}sqrtp[sd]\b", sections[name])]
     return rooting, scalar_only
+
+
+# --- low-precision state ---------------------------------------------------------
+#
+# The fused kernels for bf16 and 8-bit state (rmsprop.backends.fused.fused_rmsprop_encoded)
+# against the per-tensor path (fused=False: decode, torch's rule, encode), one
+# step at a time from the same stored state. Both draw the same rounding noise
+# per element (rmsprop.formats.noise.rounding_noise), so they differ only
+# through float32 rounding: a few ulps in the decoded-and-updated values, which
+# moves a value across a stochastic rounding threshold with probability
+# (difference / spacing of the stored values), about 2^-16 per element for
+# bfloat16 and less for 8-bit codes. Hence, per step:
+#
+# * parameters: float32 within rtol=1e-5, atol=1e-6 and float64 within
+#   rtol=1e-12, atol=1e-14 (as above); bfloat16 and float16 within one ulp of
+#   their type (a float32 difference can tip the final rounding);
+# * bfloat16 state: within one bfloat16 ulp (rtol=2^-7) plus 1e-6 of the
+#   tensor's largest value (grad_variance = v - m^2/c is rounded at the scale
+#   of v), and at most 1% of the elements (or one) different at all;
+# * 8-bit state: codes equal or adjacent, at most 1% (or one) different; absmax within
+#   float32 rounding (rtol=1e-5);
+# * fp32 state of small tensors (min_8bit_size): as float32 parameters.
+#
+# A wrong flag, map, block boundary or noise would change most elements.
+
+LOW_PRECISION_SHAPES = [(70, 73), (80,)]  # 20 blocks, the last one partial; and one below min_8bit_size
+
+
+def check_same_step(fused: RMSprop, fused_params: list, loop: RMSprop, loop_params: list) -> None:
+    for p, q in zip(fused_params, loop_params, strict=True):
+        if p.dtype == torch.float32:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        elif p.dtype == torch.float64:
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        else:
+            eps = torch.finfo(p.dtype).eps
+            torch.testing.assert_close(p, q, rtol=eps, atol=eps * q.abs().max().item())
+        state, expected = fused.state[p], loop.state[q]
+        assert set(state) == set(expected)
+        for key, value in state.items():
+            reference_value = expected[key]
+            assert value.dtype == reference_value.dtype, key
+            if value.dtype == torch.uint8:
+                difference = (value.int() - reference_value.int()).abs()
+                assert difference.max() <= 1 and few(difference != 0), key
+            elif value.dtype == torch.bfloat16:
+                scale = reference_value.float().abs().max().item()
+                torch.testing.assert_close(value.float(), reference_value.float(), rtol=2**-7, atol=1e-6 * scale)
+                assert few(value != reference_value), key
+            elif key.endswith("_absmax"):
+                torch.testing.assert_close(value, reference_value, rtol=1e-5, atol=0)
+            else:
+                torch.testing.assert_close(value, reference_value, rtol=1e-5, atol=1e-6)
+
+
+def spy_on_encoded_kernels(monkeypatch) -> list[int]:
+    """How many parameters each call of the low-precision fused path got: through the Python
+    planning (``fused_rmsprop_encoded``) or as a group the CPU kernel gathered itself."""
+    calls = []
+    original = rmsprop.core.optimizer.fused_rmsprop_encoded
+    original_run = rmsprop.backends.cpu.kernel.run
+
+    def spy(params, *args):
+        calls.append(len(params))
+        return original(params, *args)
+
+    def spy_run(plan, *args):
+        calls.append(len(plan))
+        return original_run(plan, *args)
+
+    monkeypatch.setattr(rmsprop.core.optimizer, "fused_rmsprop_encoded", spy)
+    monkeypatch.setattr(rmsprop.backends.cpu.kernel, "run", spy_run)
+    return calls
+
+
+def few(different: torch.Tensor) -> bool:
+    """At most 1% of the elements, or one."""
+    return different.sum().item() <= max(1, 0.01 * different.numel())
+
+
+def step_by_step(monkeypatch, settings: dict, dtype: torch.dtype, steps: int = 6, shapes=LOW_PRECISION_SHAPES) -> None:
+    """Steps a fused optimizer; before each step a per-tensor twin loads its state; both must agree after it."""
+    calls = spy_on_encoded_kernels(monkeypatch)
+    params = make_params(dtype, shapes)
+    optimizer = RMSprop(params, fused=None, **settings)
+    for step, step_gradients in enumerate(make_gradients(params, steps)):
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        twin = RMSprop(twins, fused=False, **settings)
+        twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        twin.param_groups[0]["fused"] = False  # load_state_dict takes the saved group's settings
+        for optimizer_, params_ in ((optimizer, params), (twin, twins)):
+            for group in optimizer_.param_groups:
+                group["lr"] = LRS[step % len(LRS)]
+            for p, g in zip(params_, step_gradients, strict=True):
+                p.grad = None if g is None else g.to(dtype)
+        optimizer.step()
+        fused_count = calls.pop(0)
+        twin.step()
+        assert calls.pop(0) == 0
+        check_same_step(optimizer, params, twin, twins)
+        # The first step creates the state, per tensor; then every parameter with a gradient is fused.
+        assert fused_count == (0 if step == 0 else sum(g is not None for g in step_gradients))

@@ -595,11 +595,11 @@ def test_steps_from_two_python_threads_at_once_equal_steps_one_after_the_other()
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("buffers", [1, 2, 3])
-def test_the_traffic_loop_of_the_bound_moves_every_element_of_every_buffer_in_its_own_width(state_dtype, buffers):
+def test_the_traffic_loop_of_the_bound_moves_every_element_of_every_buffer_in_its_own_width(instruction_set, state_dtype, buffers):
     """The benchmark's bound reads each gradient and reads and writes back each element of the
-    params and buffers: with finite gradients nothing changes, and where a gradient is NaN each of
-    them is written (float32: NaN; 2- and 1-byte state: its bits one more); memory past the tensors
-    stays as it was."""
+    params and buffers, in each instruction set: with finite gradients nothing changes, and where
+    a gradient is NaN each of them is written (float32: NaN; 2- and 1-byte state: its bits one
+    more); memory past the tensors stays as it was."""
     generator = torch.Generator().manual_seed(0)
     sizes = [1, 300, (1 << 16) + 17, 1 << 17]  # a chunk's edge crossed, the pool woken for the large ones
     padding = 64

@@ -39,13 +39,16 @@ from fused_checks import (
     LRS,
     check_float64_against_reference,
     check_low_precision,
+    check_same_step,
     combination_id,
     fused_and_loop,
     make_gradients,
     make_params,
     run_steps,
     settings_of,
+    spy_on_encoded_kernels,
     state_tensors,
+    step_by_step,
 )
 
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=combination_id)
@@ -372,17 +375,6 @@ def test_without_the_cpu_kernel_every_step_takes_the_torch_paths(without_the_cpu
         assert torch.equal(fallback, torch_path)
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def instruction_set(request):
-    """Each instruction set the kernel is built for, where this CPU runs it."""
-    if request.param not in rmsprop.backends.cpu.kernel.available_instruction_sets():
-        pytest.skip(f"this CPU does not run {request.param}")
-    chosen = rmsprop.backends.cpu.kernel.instruction_set()
-    rmsprop.backends.cpu.kernel.select_instruction_set(request.param)
-    yield request.param
-    rmsprop.backends.cpu.kernel.select_instruction_set(chosen)
-
-
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::5], ids=combination_id)
 def test_every_instruction_set_equals_for_loop(instruction_set, flags):
     fused, loop = fused_and_loop(flags, torch.float32, torch.float32)
@@ -408,125 +400,26 @@ def test_a_negative_infinite_second_moment_is_clamped_to_zero_as_the_for_loop_do
     torch.testing.assert_close(_step_with_infinite_mean_square(fused=True), expected, rtol=0, atol=0)
 
 
-# --- low-precision state ------------------------------------------------------------
+# --- low-precision state ---------------------------------------------------------
 #
-# The fused kernels for bf16 and 8-bit state (rmsprop.backends.fused.fused_rmsprop_encoded)
-# against the per-tensor path (fused=False: decode, torch's rule, encode), one
-# step at a time from the same stored state. Both draw the same rounding noise
-# per element (rmsprop.formats.noise.rounding_noise), so they differ only
-# through float32 rounding: a few ulps in the decoded-and-updated values, which
-# moves a value across a stochastic rounding threshold with probability
-# (difference / spacing of the stored values), about 2^-16 per element for
-# bfloat16 and less for 8-bit codes. Hence, per step:
-#
-# * parameters: float32 within rtol=1e-5, atol=1e-6 and float64 within
-#   rtol=1e-12, atol=1e-14 (as above); bfloat16 and float16 within one ulp of
-#   their type (a float32 difference can tip the final rounding);
-# * bfloat16 state: within one bfloat16 ulp (rtol=2^-7) plus 1e-6 of the
-#   tensor's largest value (grad_variance = v - m^2/c is rounded at the scale
-#   of v), and at most 1% of the elements (or one) different at all;
-# * 8-bit state: codes equal or adjacent, at most 1% (or one) different; absmax within
-#   float32 rounding (rtol=1e-5);
-# * fp32 state of small tensors (min_8bit_size): as float32 parameters.
-#
-# A wrong flag, map, block boundary or noise would change most elements.
-
-LOW_PRECISION_SHAPES = [(70, 73), (80,)]  # 20 blocks, the last one partial; and one below min_8bit_size
+# Tolerances: fused_checks.check_same_step.
 
 
 def _encoded_settings(flags: dict, mode: str) -> dict:
     return {**settings_of(flags), "state_precision": mode, "min_8bit_size": 4096}
 
 
-def _check_same_step(fused: RMSprop, fused_params: list, loop: RMSprop, loop_params: list) -> None:
-    for p, q in zip(fused_params, loop_params, strict=True):
-        if p.dtype == torch.float32:
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-        elif p.dtype == torch.float64:
-            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
-        else:
-            eps = torch.finfo(p.dtype).eps
-            torch.testing.assert_close(p, q, rtol=eps, atol=eps * q.abs().max().item())
-        state, expected = fused.state[p], loop.state[q]
-        assert set(state) == set(expected)
-        for key, value in state.items():
-            reference_value = expected[key]
-            assert value.dtype == reference_value.dtype, key
-            if value.dtype == torch.uint8:
-                difference = (value.int() - reference_value.int()).abs()
-                assert difference.max() <= 1 and _few(difference != 0), key
-            elif value.dtype == torch.bfloat16:
-                scale = reference_value.float().abs().max().item()
-                torch.testing.assert_close(value.float(), reference_value.float(), rtol=2**-7, atol=1e-6 * scale)
-                assert _few(value != reference_value), key
-            elif key.endswith("_absmax"):
-                torch.testing.assert_close(value, reference_value, rtol=1e-5, atol=0)
-            else:
-                torch.testing.assert_close(value, reference_value, rtol=1e-5, atol=1e-6)
-
-
-def _spy_on_encoded_kernels(monkeypatch) -> list[int]:
-    """How many parameters each call of the low-precision fused path got: through the Python
-    planning (``fused_rmsprop_encoded``) or as a group the CPU kernel gathered itself."""
-    import rmsprop.core.optimizer
-
-    calls = []
-    original = rmsprop.core.optimizer.fused_rmsprop_encoded
-    original_run = rmsprop.backends.cpu.kernel.run
-
-    def spy(params, *args):
-        calls.append(len(params))
-        return original(params, *args)
-
-    def spy_run(plan, *args):
-        calls.append(len(plan))
-        return original_run(plan, *args)
-
-    monkeypatch.setattr(rmsprop.core.optimizer, "fused_rmsprop_encoded", spy)
-    monkeypatch.setattr(rmsprop.backends.cpu.kernel, "run", spy_run)
-    return calls
-
-
-def _few(different: torch.Tensor) -> bool:
-    """At most 1% of the elements, or one."""
-    return different.sum().item() <= max(1, 0.01 * different.numel())
-
-
-def _step_by_step(monkeypatch, settings: dict, dtype: torch.dtype, steps: int = 6, shapes=LOW_PRECISION_SHAPES) -> None:
-    """Steps a fused optimizer; before each step a per-tensor twin loads its state; both must agree after it."""
-    calls = _spy_on_encoded_kernels(monkeypatch)
-    params = make_params(dtype, shapes)
-    optimizer = RMSprop(params, fused=None, **settings)
-    for step, step_gradients in enumerate(make_gradients(params, steps)):
-        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        twin = RMSprop(twins, fused=False, **settings)
-        twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        twin.param_groups[0]["fused"] = False  # load_state_dict takes the saved group's settings
-        for optimizer_, params_ in ((optimizer, params), (twin, twins)):
-            for group in optimizer_.param_groups:
-                group["lr"] = LRS[step % len(LRS)]
-            for p, g in zip(params_, step_gradients, strict=True):
-                p.grad = None if g is None else g.to(dtype)
-        optimizer.step()
-        fused_count = calls.pop(0)
-        twin.step()
-        assert calls.pop(0) == 0
-        _check_same_step(optimizer, params, twin, twins)
-        # The first step creates the state, per tensor; then every parameter with a gradient is fused.
-        assert fused_count == (0 if step == 0 else sum(g is not None for g in step_gradients))
-
-
 @pytest.mark.parametrize("mode", ["bf16", "8bit"])
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=combination_id)
 def test_fused_encoded_state_equals_the_per_tensor_path_step_by_step(monkeypatch, flags, mode):
-    _step_by_step(monkeypatch, _encoded_settings(flags, mode), torch.float32)
+    step_by_step(monkeypatch, _encoded_settings(flags, mode), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("mode", ["bf16", "8bit"])
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::7], ids=combination_id)
 def test_fused_encoded_state_of_other_parameter_dtypes_equals_the_per_tensor_path(monkeypatch, flags, mode, dtype):
-    _step_by_step(monkeypatch, _encoded_settings(flags, mode), dtype)
+    step_by_step(monkeypatch, _encoded_settings(flags, mode), dtype)
 
 
 def test_fused_8bit_blocks_of_extreme_magnitudes_equal_the_per_tensor_path():
@@ -549,7 +442,7 @@ def test_fused_8bit_blocks_of_extreme_magnitudes_equal_the_per_tensor_path():
         params[0].grad, twins[0].grad = gradient.clone(), gradient.clone()
         optimizer.step()
         twin.step()
-        _check_same_step(optimizer, params, twin, twins)
+        check_same_step(optimizer, params, twin, twins)
         state = optimizer.state[params[0]]
         assert state["grad_avg_absmax"][0] < 2.0**-126
         assert step == 0 or state["momentum_buffer_absmax"][2] >= 2.0**126
@@ -580,7 +473,7 @@ def test_fused_encoded_state_does_not_depend_on_the_thread_count(mode):
     ids=["fused-false", "foreach-false", "foreach-true"],
 )
 def test_low_precision_groups_step_per_tensor_without_fused(monkeypatch, settings):
-    calls = _spy_on_encoded_kernels(monkeypatch)
+    calls = spy_on_encoded_kernels(monkeypatch)
     params = make_params(torch.float32, [(5000,)])
     optimizer = RMSprop(params, state_precision="8bit", **settings)
     run_steps(optimizer, params, make_gradients(params, len(LRS)), torch.float32)
@@ -605,7 +498,7 @@ def test_fused_true_refuses_a_low_precision_step_it_cannot_take():
 
 def test_fused_encoded_group_takes_complex_parameters_with_their_own_dtype_state(monkeypatch):
     """Complex parameters keep complex state in low-precision groups; the full-precision kernel steps them."""
-    calls = _spy_on_encoded_kernels(monkeypatch)
+    calls = spy_on_encoded_kernels(monkeypatch)
     fused_params = make_params(torch.complex64, [(300,)]) + make_params(torch.float32, [(5000,)])
     loop_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
     settings = {"momentum": 0.8, "centered": True, "state_precision": "8bit", "min_8bit_size": 0}
@@ -629,7 +522,7 @@ def test_fused_8bit_state_makes_the_block_of_a_nan_non_finite_as_the_per_tensor_
     """The policy of docs/memory.md: a NaN in 8-bit state makes its whole block (elements 256-511
     here) non-finite, the block's absmax NaN. The kernel's absmax once let any later element of the
     block replace the NaN, which decoded to finite values: the NaN was silently dropped."""
-    calls = _spy_on_encoded_kernels(monkeypatch)
+    calls = spy_on_encoded_kernels(monkeypatch)
     for fused in (None, False):
         param = torch.nn.Parameter(torch.ones(5000))
         optimizer = RMSprop([param], fused=fused, momentum=0.9, centered=True, state_precision="8bit")

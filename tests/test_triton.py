@@ -48,14 +48,15 @@ from fused_checks import (  # noqa: E402
     LRS,
     check_float64_against_reference,
     check_low_precision,
+    check_same_step,
     combination_id,
     fused_and_loop,
     make_gradients,
     make_params,
     settings_of,
     state_tensors,
+    step_by_step,
 )
-from test_fused import _check_same_step, _step_by_step  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -258,7 +259,7 @@ def _encoded(flags: dict, mode: str) -> dict:
 @pytest.mark.parametrize("mode", ["bf16", "8bit"])
 @pytest.mark.parametrize("flags", ENCODED_COMBINATIONS, ids=combination_id)
 def test_encoded_state_equals_the_per_tensor_path_step_by_step(encoded_on_triton, monkeypatch, flags, mode, dtype):
-    _step_by_step(monkeypatch, _encoded(flags, mode), dtype, steps=4, shapes=ENCODED_SHAPES)
+    step_by_step(monkeypatch, _encoded(flags, mode), dtype, steps=4, shapes=ENCODED_SHAPES)
     expected = {mode, "float32"} if dtype == torch.bfloat16 and mode == "8bit" else {mode}
     assert set(encoded_on_triton) == expected
 
@@ -267,7 +268,7 @@ def test_encoded_state_equals_the_per_tensor_path_step_by_step(encoded_on_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("mode", ["bf16", "8bit"])
 def test_encoded_state_of_other_parameter_dtypes_equals_the_per_tensor_path(encoded_on_triton, monkeypatch, mode, dtype):
-    _step_by_step(monkeypatch, _encoded(FLAG_COMBINATIONS[-1], mode), dtype, steps=3, shapes=ENCODED_SHAPES[:1])
+    step_by_step(monkeypatch, _encoded(FLAG_COMBINATIONS[-1], mode), dtype, steps=3, shapes=ENCODED_SHAPES[:1])
 
 
 @interpreter_only
@@ -374,7 +375,7 @@ def test_cuda_encoded_state_takes_the_triton_kernel_and_equals_the_per_tensor_pa
                 p.grad = None if g is None else g.to(dtype).cuda()
         optimizer.step()
         twin.step()
-        _check_same_step(optimizer, params, twin, twins)
+        check_same_step(optimizer, params, twin, twins)
     # The first step creates the state, per tensor; a bfloat16 parameter's float32 state (the
     # tensor below min_8bit_size) is a call of its own, except at the step it has no gradient.
     assert len(calls) == (5 if dtype == torch.bfloat16 and mode == "8bit" else 3)

@@ -8,7 +8,7 @@ import itertools
 import logging
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -383,14 +383,7 @@ class RMSprop(Optimizer):
                 state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
             has_complex |= torch.is_complex(p)
-            params.append(p)
-            grads.append(p.grad)
-            square_avgs.append(state["square_avg"])
-            steps.append(state["step"])
-            if group["momentum"] > 0:
-                momentum_buffers.append(state["momentum_buffer"])
-            if group["centered"]:
-                grad_avgs.append(state["grad_avg"])
+            _append_step_tensors(group, p, state, (params, grads, square_avgs, grad_avgs, momentum_buffers, steps))
         return has_complex
 
     def _gathered_fused_groups(self) -> dict[int, Any]:
@@ -560,21 +553,13 @@ class RMSprop(Optimizer):
         if create_state:
             self._init_group(group, *tensors)
         else:
-            params, grads, square_avgs, grad_avgs, momentum_buffers, steps = tensors
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state.get(p) or {}
-                if not is_in_format(state, p, "full"):
-                    state = {}
-                params.append(p)
-                grads.append(p.grad)
-                square_avgs.append(state.get("square_avg", p))
-                steps.append(state.get("step", torch.zeros((), dtype=_get_scalar_dtype())))
-                if group["momentum"] > 0:
-                    momentum_buffers.append(state.get("momentum_buffer", p))
-                if group["centered"]:
-                    grad_avgs.append(state.get("grad_avg", p))
+                stand_ins = {"step": torch.zeros((), dtype=_get_scalar_dtype())}
+                stand_ins |= dict.fromkeys(("square_avg", "momentum_buffer", "grad_avg"), p)
+                _append_step_tensors(group, p, stand_ins | state if is_in_format(state, p, "full") else stand_ins, tensors)
         positions = tuple(i for i, p in enumerate(group["params"]) if p.grad is not None)
         return positions, tensors
 
@@ -713,3 +698,17 @@ def _filled_like(p: Tensor, value: float) -> Tensor:
     # Complex parameters are updated as (real, imag) pairs: both start at value.
     fill = complex(value, value) if p.is_complex() else value
     return torch.full_like(p, fill, memory_format=torch.preserve_format)
+
+
+def _append_step_tensors(group: dict[str, Any], p: Tensor, state: Mapping[str, Tensor], tensors: tuple[list[Tensor], ...]) -> None:
+    """Append ``p``, its gradient and the state its step reads to the step's lists
+    (params, grads, square_avgs, grad_avgs, momentum_buffers, steps)."""
+    params, grads, square_avgs, grad_avgs, momentum_buffers, steps = tensors
+    params.append(p)
+    grads.append(p.grad)
+    square_avgs.append(state["square_avg"])
+    steps.append(state["step"])
+    if group["momentum"] > 0:
+        momentum_buffers.append(state["momentum_buffer"])
+    if group["centered"]:
+        grad_avgs.append(state["grad_avg"])

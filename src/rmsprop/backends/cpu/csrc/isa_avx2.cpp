@@ -18,6 +18,7 @@
 namespace rmsprop_kernel {
 namespace avx2 {
 #include "rule.h"
+#include "traffic.h"
 }  // namespace avx2
 
 ChunkFunction chunk_function_avx2(Storage storage, Format format, unsigned variant) {
@@ -25,10 +26,13 @@ ChunkFunction chunk_function_avx2(Storage storage, Format format, unsigned varia
 }
 
 CodeFunction code_function_avx2() { return &avx2::encode_codes; }
+
+ChunkFunction traffic_function_avx2(int state_bytes) { return avx2::traffic_function(state_bytes); }
 }  // namespace rmsprop_kernel
 #else
 namespace rmsprop_kernel {
 ChunkFunction chunk_function_avx2(Storage, Format, unsigned) { return nullptr; }
 CodeFunction code_function_avx2() { return nullptr; }
+ChunkFunction traffic_function_avx2(int) { return nullptr; }
 }  // namespace rmsprop_kernel
 #endif

@@ -18,6 +18,7 @@
 namespace rmsprop_kernel {
 namespace avx512 {
 #include "rule.h"
+#include "traffic.h"
 }  // namespace avx512
 
 ChunkFunction chunk_function_avx512(Storage storage, Format format, unsigned variant) {
@@ -25,10 +26,13 @@ ChunkFunction chunk_function_avx512(Storage storage, Format format, unsigned var
 }
 
 CodeFunction code_function_avx512() { return &avx512::encode_codes; }
+
+ChunkFunction traffic_function_avx512(int state_bytes) { return avx512::traffic_function(state_bytes); }
 }  // namespace rmsprop_kernel
 #else
 namespace rmsprop_kernel {
 ChunkFunction chunk_function_avx512(Storage, Format, unsigned) { return nullptr; }
 CodeFunction code_function_avx512() { return nullptr; }
+ChunkFunction traffic_function_avx512(int) { return nullptr; }
 }  // namespace rmsprop_kernel
 #endif

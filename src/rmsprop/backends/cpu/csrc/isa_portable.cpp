@@ -18,6 +18,7 @@
 namespace rmsprop_kernel {
 namespace portable {
 #include "rule.h"
+#include "traffic.h"
 }  // namespace portable
 
 ChunkFunction chunk_function_portable(Storage storage, Format format, unsigned variant) {
@@ -25,10 +26,13 @@ ChunkFunction chunk_function_portable(Storage storage, Format format, unsigned v
 }
 
 CodeFunction code_function_portable() { return &portable::encode_codes; }
+
+ChunkFunction traffic_function_portable(int state_bytes) { return portable::traffic_function(state_bytes); }
 }  // namespace rmsprop_kernel
 #else
 namespace rmsprop_kernel {
 ChunkFunction chunk_function_portable(Storage, Format, unsigned) { return nullptr; }
 CodeFunction code_function_portable() { return nullptr; }
+ChunkFunction traffic_function_portable(int) { return nullptr; }
 }  // namespace rmsprop_kernel
 #endif

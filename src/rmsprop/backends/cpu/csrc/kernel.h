@@ -160,4 +160,10 @@ CodeFunction code_function_avx512();
 CodeFunction code_function_avx2();
 CodeFunction code_function_portable();
 
+// The benchmark bound's loop (traffic.h) of state elements of state_bytes (4, 2 or 1) bytes, of
+// each instruction set, or null.
+ChunkFunction traffic_function_avx512(int state_bytes);
+ChunkFunction traffic_function_avx2(int state_bytes);
+ChunkFunction traffic_function_portable(int state_bytes);
+
 }  // namespace rmsprop_kernel

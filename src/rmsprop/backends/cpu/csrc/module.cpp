@@ -35,6 +35,7 @@ struct InstructionSet {
   const char* name;
   ChunkFunction (*chunk_function)(Storage, Format, unsigned);
   CodeFunction (*code_function)();
+  ChunkFunction (*traffic_function)(int state_bytes);
   bool (*supported)();
 };
 
@@ -60,9 +61,9 @@ bool always() { return true; }
 
 // Best first.
 const InstructionSet kInstructionSets[] = {
-    {"avx512", chunk_function_avx512, code_function_avx512, has_avx512},
-    {"avx2", chunk_function_avx2, code_function_avx2, has_avx2},
-    {"portable", chunk_function_portable, code_function_portable, always},
+    {"avx512", chunk_function_avx512, code_function_avx512, traffic_function_avx512, has_avx512},
+    {"avx2", chunk_function_avx2, code_function_avx2, traffic_function_avx2, has_avx2},
+    {"portable", chunk_function_portable, code_function_portable, traffic_function_portable, always},
 };
 
 bool compiled(const InstructionSet& set) { return set.chunk_function(Storage::Float32, Format::Same, 0) != nullptr; }
@@ -431,45 +432,8 @@ PyObject* encode_codes(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// The memory traffic of a step and nothing else (the benchmark's bound), in one pass as the
-// step makes it: reads the gradient, reads and writes back the parameter and each buffer present.
-// Parameters and gradients are float32 (a 16-bit tensor's bytes as half as many floats); state
-// elements are float32, or 2 or 1 bytes (bfloat16 or 8-bit codes) beside float32 parameters.
-// Adding g - g keeps finite values but cannot be optimised away without fast-math; integer state
-// adds whether it is NaN, which is 0 for the finite gradients the benchmark moves.
-template <typename S>
-inline S nothing_as(float nothing) {
-  if constexpr (std::is_same_v<S, float>) return nothing;
-  else return S(nothing != nothing);
-}
-
-template <typename S, bool CenteredAverage, bool Momentum>
-void traffic_chunk(const Entry& e, int64_t start, int64_t end) {
-  float* __restrict p = static_cast<float*>(e.param) + start;
-  const float* __restrict g = static_cast<const float*>(e.grad) + start;
-  S* __restrict v = static_cast<S*>(e.square) + start;
-  S* __restrict m = CenteredAverage ? static_cast<S*>(e.grad_avg) + start : nullptr;
-  S* __restrict b = Momentum ? static_cast<S*>(e.momentum) + start : nullptr;
-  const int64_t n = end - start;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float nothing = g[i] - g[i];
-    p[i] += nothing;
-    v[i] += nothing_as<S>(nothing);
-    if constexpr (CenteredAverage) m[i] += nothing_as<S>(nothing);
-    if constexpr (Momentum) b[i] += nothing_as<S>(nothing);
-  }
-}
-
-template <typename S>
-void traffic_of(const Entry& e, int64_t start, int64_t end) {
-  if (e.grad_avg && e.momentum) traffic_chunk<S, true, true>(e, start, end);
-  else if (e.grad_avg) traffic_chunk<S, true, false>(e, start, end);
-  else if (e.momentum) traffic_chunk<S, false, true>(e, start, end);
-  else traffic_chunk<S, false, false>(e, start, end);
-}
-
 // stream_step_traffic(sizes, state_bytes, params, grads, squares, grad_avgs, momenta, threads):
+// the benchmark's bound, the selected instruction set's traffic loop (traffic.h) over the tensors.
 // int64 arrays, one value per tensor (state_bytes: 4, 2 or 1; addresses 0 where a buffer is absent).
 PyObject* stream_step_traffic(PyObject*, PyObject* args) {
   PyObject *sizes_object, *state_bytes_object, *lists[5];
@@ -494,13 +458,12 @@ PyObject* stream_step_traffic(PyObject*, PyObject* args) {
     entries[i] = Entry{sizes[i], views[0].address(i), views[1].address(i), views[2].address(i), views[3].address(i),
                        views[4].address(i), nullptr, nullptr, nullptr, 0, 0, 0, {0, 0, 0}};
   }
+  const Job unused{};
+  const ChunkFunction loops[] = {selected->traffic_function(1), selected->traffic_function(2), nullptr,
+                                 selected->traffic_function(4)};
   Py_BEGIN_ALLOW_THREADS;
   for_each_chunk(entries, threads, [&](const Entry& e, int64_t start, int64_t end) {
-    switch (state_bytes[&e - entries.data()]) {
-      case 4: return traffic_of<float>(e, start, end);
-      case 2: return traffic_of<uint16_t>(e, start, end);
-      default: return traffic_of<uint8_t>(e, start, end);
-    }
+    loops[state_bytes[&e - entries.data()] - 1](unused, e, start, end);
   });
   Py_END_ALLOW_THREADS;
   Py_RETURN_NONE;

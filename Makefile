@@ -37,7 +37,7 @@ compare: $(INSTALLED)
 # About 10 minutes on 2 cores; prints the tables of docs/memory.md.
 .PHONY: bench-memory
 bench-memory: $(INSTALLED)
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet --no-compile $(TORCH) -e '.[bench]'
 	$(BIN)/rmsprop bench-memory
 
 # One pytest worker per core: much of a run is single-threaded compiling (torch.compile,
@@ -60,7 +60,9 @@ docs-serve: $(INSTALLED)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # The optimizer-step benchmark (docs/benchmark.md); takes minutes, torch.compile most of them.
+# bitsandbytes (the bench extra) for the peer column of the state-precision table.
 bench: $(INSTALLED)
+	$(BIN)/pip install --quiet --no-compile $(TORCH) -e '.[bench]'
 	$(BIN)/rmsprop bench --json out/benchmark.json
 
 # The frameworks that the presets reproduce, in a venv of their own: the live

@@ -22,6 +22,7 @@ moves (copy bandwidth). CI has no GPU: that mode is never run there.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import statistics
 import subprocess
@@ -332,6 +333,9 @@ def state_bytes_per_step(case: Case, state_precision: str) -> float:
 
 def _bitsandbytes_optimizer(params: list[torch.Tensor], case: Case) -> torch.optim.Optimizer | None:
     """bitsandbytes' 8-bit RMSprop on the same parameters, where it is installed and takes the settings."""
+    # Its CPU backend logs a warning at import on CPUs with AVX512-BF16 about a 4-bit matmul kernel
+    # it could not fetch, which its RMSprop8bit does not use.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:
